@@ -1,0 +1,106 @@
+"""Every config key peer_jax knows, with its default. Named experiments start from here.
+
+docs/configuration.md documents each key; tests/test_config.py checks the two agree.
+"""
+
+import os
+
+import ml_collections
+
+# The bundled corpora live in ../shared/data beside the repository; PEER_JAX_DATA overrides.
+SHARED_DATA = os.environ.get(
+    "PEER_JAX_DATA",
+    os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                  "shared", "data")))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 32768
+  m.d_model = 256
+  m.num_layers = 4
+  m.num_heads = 4
+  m.d_ff = 1024
+  m.ffw_activation = "gelu"
+  m.ffw = "dense"
+  m.ffw_layers = "middle"
+  m.tie_embeddings = True
+  m.dtype = "float32"
+  m.remat = False
+  m.rope_theta = 10000.0
+
+  m.peer = p = ml_collections.ConfigDict()
+  p.num_experts = 1024**2
+  p.heads = 8
+  p.top_k = 16
+  p.query_dim = 256
+  p.query_norm = "batchnorm"
+  p.per_head_keys = False
+  p.router = "softmax"
+  p.activation = "gelu"
+  p.glu = False
+  p.placement = "replace"
+  p.chunk_size = 512
+
+  m.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 128
+  e.d_ff = 0  # 0: each expert is the size of the dense FFW (model.d_ff), as in the paper
+  e.capacity_factor = 1.0
+
+  m.pkm = k = ml_collections.ConfigDict()
+  k.num_memories = 1024**2
+  k.heads = 8
+  k.top_k = 32
+  k.key_dim = 256
+  k.query_norm = "batchnorm"
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 1000
+  t.batch_size = 16
+  t.seq_len = 256
+  t.grad_accum_steps = 1
+  t.learning_rate = 1e-3
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.1
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip = 1.0
+  t.log_every = 10
+  t.eval_every = 200
+
+  c.data = d = ml_collections.ConfigDict()
+  d.tokenizer = f"{SHARED_DATA}/tokenizers/c4_en_32k_spm.model"
+  d.train_path = f"{SHARED_DATA}/wikitext-2/train.txt"
+  d.text_format = "lines"
+  d.add_bos = True
+  d.add_eos = True
+  d.shuffle = True
+  d.eval_paths = f"wikitext2_valid={SHARED_DATA}/wikitext-2/valid.txt"
+  d.eval_batches = 8
+
+  c.checkpoint = ck = ml_collections.ConfigDict()
+  ck.every = 500
+  ck.keep = 3
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.tensor = 1
+
+  c.sharding = sh = ml_collections.ConfigDict()
+  # Logical axis name -> mesh axes. Edit this table, not the model, to change parallelism.
+  sh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+      ("experts", None),
+      ("expert_embed", "tensor"),
+  )
+  return c

@@ -1,0 +1,190 @@
+"""Whole-config validation, run before anything is built or compiled.
+
+Each problem is reported as one line naming the key and what is wrong with it.
+"""
+
+import math
+import os
+
+from peer_jax import sharding
+from peer_jax.layers.common import DTYPES
+from peer_jax.layers.ffw import FFW_ACTIVATIONS
+from peer_jax.model import FFW_KINDS, expert_layer_indices
+
+QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
+ROUTERS = ("softmax", "sigmoid")
+EXPERT_ACTIVATIONS = ("gelu", "relu")
+PLACEMENTS = ("replace", "parallel")
+TEXT_FORMATS = ("lines", "paragraphs", "jsonl")
+
+
+class ConfigError(ValueError):
+  """An impossible config value; str() is one line starting with the key."""
+
+
+def _fail(key: str, msg: str):
+  raise ConfigError(f"{key}: {msg}")
+
+
+def _positive_int(cfg, key: str, allow_zero: bool = False):
+  value = _get(cfg, key)
+  low = 0 if allow_zero else 1
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    _fail(key, f"must be an integer >= {low}, got {value!r}")
+  return value
+
+
+def _positive_float(cfg, key: str, allow_zero: bool = False):
+  value = _get(cfg, key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+      or value < 0 or (value == 0 and not allow_zero):
+    _fail(key, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+  return value
+
+
+def _choice(cfg, key: str, choices):
+  value = _get(cfg, key)
+  if value not in choices:
+    _fail(key, f"unknown value {value!r}; expected one of {', '.join(map(str, choices))}")
+  return value
+
+
+def _get(cfg, key: str):
+  node = cfg
+  for part in key.split("."):
+    if part not in node:
+      _fail(key, "missing from the config (start configs from configs/base.py)")
+    node = node[part]
+  return node
+
+
+def _file(cfg, key: str, path: str):
+  if not os.path.isfile(path):
+    _fail(key, f"file not found: {path}")
+
+
+def parse_eval_paths(spec: str) -> dict[str, str]:
+  """'name=path,name2=path2' -> {name: path}; a bare path is named after its file."""
+  sets = {}
+  for item in [s.strip() for s in str(spec or "").split(",") if s.strip()]:
+    name, _, path = item.rpartition("=")
+    if not name:
+      name = os.path.splitext(os.path.basename(path))[0]
+    sets[name] = path
+  return sets
+
+
+def validate_model(cfg) -> None:
+  d = _positive_int(cfg, "model.d_model")
+  layers = _positive_int(cfg, "model.num_layers")
+  heads = _positive_int(cfg, "model.num_heads")
+  if d % heads:
+    _fail("model.num_heads", f"{heads} heads do not divide model.d_model={d}")
+  if (d // heads) % 2:
+    _fail("model.num_heads", f"head dimension d_model/num_heads={d // heads} must be even for RoPE")
+  _positive_int(cfg, "model.vocab_size")
+  _positive_int(cfg, "model.d_ff")
+  _choice(cfg, "model.ffw_activation", FFW_ACTIVATIONS)
+  kind = _choice(cfg, "model.ffw", FFW_KINDS)
+  _choice(cfg, "model.dtype", tuple(DTYPES))
+  _positive_float(cfg, "model.rope_theta")
+  try:
+    expert_layer_indices(cfg.model.ffw_layers, layers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if kind == "peer":
+    validate_peer(cfg)
+  elif kind == "moe":
+    _positive_int(cfg, "model.moe.num_experts")
+    _positive_int(cfg, "model.moe.d_ff", allow_zero=True)
+    _positive_float(cfg, "model.moe.capacity_factor")
+  elif kind == "pkm":
+    n = _square_root(cfg, "model.pkm.num_memories")
+    _positive_int(cfg, "model.pkm.heads")
+    k = _positive_int(cfg, "model.pkm.top_k")
+    if k > n:
+      _fail("model.pkm.top_k", f"{k} exceeds sqrt(model.pkm.num_memories)={n}")
+    if _positive_int(cfg, "model.pkm.key_dim") % 2:
+      _fail("model.pkm.key_dim", f"must be even (two product-key halves), got {cfg.model.pkm.key_dim}")
+    _choice(cfg, "model.pkm.query_norm", QUERY_NORMS)
+
+
+def _square_root(cfg, key: str) -> int:
+  n_sq = _positive_int(cfg, key)
+  n = math.isqrt(n_sq)
+  if n * n != n_sq:
+    _fail(key, f"{n_sq} is not a perfect square (product keys need N = n*n)")
+  return n
+
+
+def validate_peer(cfg) -> None:
+  n = _square_root(cfg, "model.peer.num_experts")
+  _positive_int(cfg, "model.peer.heads")
+  k = _positive_int(cfg, "model.peer.top_k")
+  if k > n:
+    _fail("model.peer.top_k", f"{k} exceeds sqrt(model.peer.num_experts)={n}")
+  qd = _positive_int(cfg, "model.peer.query_dim")
+  if qd % 2:
+    _fail("model.peer.query_dim", f"must be even (two product-key halves), got {qd}")
+  _choice(cfg, "model.peer.query_norm", QUERY_NORMS)
+  _choice(cfg, "model.peer.router", ROUTERS)
+  _choice(cfg, "model.peer.activation", EXPERT_ACTIVATIONS)
+  _choice(cfg, "model.peer.placement", PLACEMENTS)
+  _positive_int(cfg, "model.peer.chunk_size")
+
+
+def validate_train(cfg, data_parallel: int) -> None:
+  steps = _positive_int(cfg, "train.steps")
+  batch = _positive_int(cfg, "train.batch_size")
+  _positive_int(cfg, "train.seq_len")
+  accum = _positive_int(cfg, "train.grad_accum_steps")
+  if batch % accum:
+    _fail("train.batch_size", f"{batch} is not divisible by train.grad_accum_steps={accum}")
+  micro = batch // accum
+  if micro % data_parallel:
+    _fail("train.batch_size",
+          f"microbatch {micro} (batch_size/grad_accum_steps) is not divisible by the "
+          f"data-parallel mesh size {data_parallel} (mesh.data * mesh.fsdp)")
+  _positive_float(cfg, "train.learning_rate")
+  warmup = _positive_int(cfg, "train.warmup_steps", allow_zero=True)
+  if warmup > steps:
+    _fail("train.warmup_steps", f"{warmup} exceeds train.steps={steps}")
+  ratio = _positive_float(cfg, "train.min_lr_ratio", allow_zero=True)
+  if ratio > 1:
+    _fail("train.min_lr_ratio", f"must be in [0, 1], got {ratio}")
+  _positive_float(cfg, "train.weight_decay", allow_zero=True)
+  for key in ("train.b1", "train.b2"):
+    if not 0 <= _get(cfg, key) < 1:
+      _fail(key, f"must be in [0, 1), got {_get(cfg, key)}")
+  _positive_float(cfg, "train.eps")
+  _positive_float(cfg, "train.grad_clip", allow_zero=True)
+  _positive_int(cfg, "train.log_every")
+  _positive_int(cfg, "train.eval_every", allow_zero=True)
+  _positive_int(cfg, "checkpoint.every", allow_zero=True)
+  _positive_int(cfg, "checkpoint.keep")
+  _positive_int(cfg, "seed", allow_zero=True)
+
+
+def validate_data(cfg) -> None:
+  _file(cfg, "data.tokenizer", cfg.data.tokenizer)
+  _file(cfg, "data.train_path", cfg.data.train_path)
+  _choice(cfg, "data.text_format", TEXT_FORMATS)
+  for name, path in parse_eval_paths(cfg.data.eval_paths).items():
+    _file(cfg, f"data.eval_paths ({name})", path)
+  _positive_int(cfg, "data.eval_batches")
+
+
+def validate_mesh(cfg, num_devices: int) -> tuple[int, ...]:
+  try:
+    return sharding.resolve_mesh_shape(dict(cfg.mesh), num_devices)
+  except sharding.MeshError as e:
+    raise ConfigError(str(e)) from None
+
+
+def validate_config(cfg, num_devices: int, check_files: bool = True) -> None:
+  """Raise ConfigError on the first impossible value; return None when all is well."""
+  validate_model(cfg)
+  mesh_shape = validate_mesh(cfg, num_devices)
+  validate_train(cfg, sharding.data_parallel_size(mesh_shape))
+  if check_files:
+    validate_data(cfg)

@@ -1,0 +1,1 @@
+"""Tokenizer, text sources and the grain input pipeline."""

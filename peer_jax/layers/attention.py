@@ -1,0 +1,63 @@
+"""Causal multi-head self-attention with rotary position embeddings.
+
+Packed sequences carry `segment_ids`: a token attends only to earlier tokens of its
+own document, so packing never lets documents see each other.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peer_jax.layers.common import fan_in_normal, param
+
+
+def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half form) applied to the last axis of x."""
+  half = x_BTHK.shape[-1] // 2
+  freqs_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BTK = positions_BT[..., None].astype(jnp.float32) * freqs_K
+  sin_BT1K = jnp.sin(angles_BTK)[:, :, None, :]
+  cos_BT1K = jnp.cos(angles_BTK)[:, :, None, :]
+  x1, x2 = x_BTHK[..., :half].astype(jnp.float32), x_BTHK[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos_BT1K - x2 * sin_BT1K, x2 * cos_BT1K + x1 * sin_BT1K], axis=-1)
+  return out.astype(x_BTHK.dtype)
+
+
+def causal_mask(segment_ids_BT: jax.Array | None, length: int) -> jax.Array:
+  """(B or 1, 1, T, T) boolean mask: causal, and within one segment when packed."""
+  mask_TT = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+  if segment_ids_BT is None:
+    return mask_TT
+  same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return mask_TT & same_BTT[:, None]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               rope_theta: float = 10_000.0, out_scale: float = 1.0):
+    head_dim = d_model // num_heads
+    self.num_heads, self.head_dim, self.rope_theta, self.dtype = num_heads, head_dim, rope_theta, dtype
+    init_in = fan_in_normal(d_model)
+    names_in = ("embed", "heads", "head_dim")
+    self.wq_DHK = param(rngs, init_in, (d_model, num_heads, head_dim), names_in)
+    self.wk_DHK = param(rngs, init_in, (d_model, num_heads, head_dim), names_in)
+    self.wv_DHK = param(rngs, init_in, (d_model, num_heads, head_dim), names_in)
+    self.wo_HKD = param(rngs, fan_in_normal(d_model, out_scale), (num_heads, head_dim, d_model),
+                        ("heads", "head_dim", "embed"))
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    x_BTD = x_BTD.astype(self.dtype)
+    w = lambda p: p[...].astype(self.dtype)
+    q_BTHK = rope(jnp.einsum("btd,dhk->bthk", x_BTD, w(self.wq_DHK)), positions_BT, self.rope_theta)
+    k_BTHK = rope(jnp.einsum("btd,dhk->bthk", x_BTD, w(self.wk_DHK)), positions_BT, self.rope_theta)
+    v_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, w(self.wv_DHK))
+    # Scores and softmax in f32: bf16 logits lose the small differences softmax amplifies.
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK,
+                             preferred_element_type=jnp.float32) / jnp.sqrt(self.head_dim)
+    mask = causal_mask(segment_ids_BT, x_BTD.shape[1])
+    logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
+    probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(self.dtype)
+    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
+    return jnp.einsum("bthk,hkd->btd", out_BTHK, w(self.wo_HKD))

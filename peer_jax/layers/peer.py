@@ -1,0 +1,189 @@
+"""PEER: Parameter Efficient Expert Retrieval (He 2024, "Mixture of A Million Experts").
+
+    y_BTD, aux = PEER(...)(x_BTD, train=bool)
+
+A query network (one linear map D -> heads·query_dim, then a query norm) gives every
+token `heads` queries; each query retrieves its `top_k` best product keys out of
+N = n² (exact top-k via `peer_jax.ops.product_key_topk`); the k retrieved scores are
+turned into router weights (softmax or sigmoid); the retrieved experts are single
+neurons e_i(x) = σ(u_i·x)·v_i (GLU: σ(g_i·x)·(u_i·x)·v_i), evaluated by the chunked
+`peer_jax.ops.peer_experts` kernel, and everything is summed over heads and experts.
+
+`ProductKeyRetrieval` (query network + norm + product keys + router) is shared with
+the PKM baseline (`peer_jax.layers.pkm`).
+
+Initialisation (target: output RMS of a dense FFW with d_ff = 4D, fan_in_normal init,
+for an input with unit-variance features). Write a² = E[σ(z)²], z ~ N(0, 1):
+a² ≈ 0.425 for GELU, 0.5 for ReLU.
+* Dense: h = W_in x has unit variance (W_in std 1/√D); y = W_out σ(h) has variance
+  d_ff · (1/d_ff) · a² = a² per feature.
+* PEER: u_i std 1/√D, so u_i·x ~ N(0, 1) and σ(u_i·x) has second moment a² (keys and
+  u are independent, so retrieval does not bias u_i·x). The h·k retrieved experts are
+  (almost always) distinct, their v rows independent with std s_v, so
+  Var(y_d) = a² · s_v² · Σ_heads Σ_k g².
+  - softmax router: the k retrieved scores are close to each other at init (sub-keys
+    std 1/√query_dim make every score ~N(0, 1), and the top-k of n² such scores sit
+    within about one unit), so g ≈ 1/k and Σ_k g² ≈ 1/k: Var(y_d) ≈ a² s_v² h/k,
+    hence s_v = √(k/h).
+  - sigmoid router: the top scores are positive, g = sigmoid(score) ≈ 1, so
+    Σ Σ g² ≈ h·k and s_v = 1/√(h·k).
+  - GLU: E[σ(g·x)² (u·x)²] = a² · 1 for independent g, u, so the same s_v.
+  This makes Var(y_d) ≈ a², like the dense FFW (checked in tests/test_layers.py).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peer_jax.layers.common import ACTIVATIONS, fan_in_normal, param, rms_norm
+from peer_jax.ops import peer_experts, peer_experts_glu, product_key_topk
+
+QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
+ROUTERS = ("softmax", "sigmoid")
+PEER_ACTIVATIONS = ("gelu", "relu")
+
+
+def exact_sqrt(num: int, what: str) -> int:
+  """n with n² == num, or a ValueError (product keys need a perfect square)."""
+  n = math.isqrt(num)
+  if n * n != num:
+    raise ValueError(f"{what} must be a perfect square (n² product keys), got {num}")
+  return n
+
+
+def router_weights(scores, router: str):
+  """Router weights over the k retrieved scores (last axis), in f32."""
+  scores = scores.astype(jnp.float32)
+  if router == "softmax":
+    return jax.nn.softmax(scores, axis=-1)
+  if router == "sigmoid":
+    return jax.nn.sigmoid(scores)
+  raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
+
+
+def value_init_std(heads: int, top_k: int, router: str) -> float:
+  """Std of the output table so that Σ_heads Σ_k g·(unit-variance)·v has unit variance.
+
+  See the module docstring: Σ Σ g² ≈ heads/top_k for softmax, heads·top_k for sigmoid.
+  """
+  return math.sqrt(top_k / heads) if router == "softmax" else 1.0 / math.sqrt(heads * top_k)
+
+
+class ProductKeyRetrieval(nnx.Module):
+  """Multi-head query network + product keys + router: x_BTD -> indices, weights.
+
+  Parameters: w_q_DQ (D, heads·key_dim), the query norm's scale/bias, and two sub-key
+  tables keys1/keys2 of shape (n, key_dim/2), or (heads, n, key_dim/2) with
+  per_head_keys. With query_norm='batchnorm' the running mean/var are nnx.BatchStat.
+  """
+
+  def __init__(self, d_model: int, *, num_keys: int, heads: int, top_k: int, key_dim: int,
+               query_norm: str = "batchnorm", per_head_keys: bool = False,
+               router: str = "softmax", rngs: nnx.Rngs, dtype=jnp.float32):
+    if query_norm not in QUERY_NORMS:
+      raise ValueError(f"unknown query_norm {query_norm!r}; expected one of {QUERY_NORMS}")
+    if router not in ROUTERS:
+      raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
+    if key_dim % 2:
+      raise ValueError(f"query/key dim must be even (two halves), got {key_dim}")
+    n = exact_sqrt(num_keys, "number of experts/memories")
+    if not 1 <= top_k <= n:
+      raise ValueError(f"need 1 <= top_k <= sqrt(N) = {n}, got top_k={top_k}")
+    self.heads, self.top_k, self.key_dim, self.n = heads, top_k, key_dim, n
+    self.query_norm, self.router, self.dtype = query_norm, router, dtype
+    q_dim = heads * key_dim
+    self.w_q_DQ = param(rngs, fan_in_normal(d_model), (d_model, q_dim), ("embed", "heads_q"))
+    if query_norm == "batchnorm":
+      # Statistics over all tokens of the batch (B·T) per query feature; computed in f32.
+      self.query_bn = nnx.BatchNorm(
+          q_dim, momentum=0.99, epsilon=1e-5, dtype=jnp.float32, rngs=rngs,
+          scale_metadata={"out_sharding": ("heads_q",)},
+          bias_metadata={"out_sharding": ("heads_q",)})
+    elif query_norm in ("layernorm", "rmsnorm"):
+      self.norm_scale_Q = param(rngs, nnx.initializers.ones, (q_dim,), ("heads_q",))
+      if query_norm == "layernorm":
+        self.norm_bias_Q = param(rngs, nnx.initializers.zeros, (q_dim,), ("heads_q",))
+    # Sub-key std 1/√key_dim: with unit-variance queries every full score
+    # q1·c1 + q2·c2 (key_dim terms) has unit variance.
+    key_init = fan_in_normal(key_dim)
+    if per_head_keys:
+      shape, names = (heads, n, key_dim // 2), ("key_heads", "sub_keys", "key_half")
+    else:
+      shape, names = (n, key_dim // 2), ("sub_keys", "key_half")
+    self.keys1 = param(rngs, key_init, shape, names)
+    self.keys2 = param(rngs, key_init, shape, names)
+
+  def queries(self, x_BTD, *, train: bool):
+    """Normalised queries (B, T, heads, key_dim) in f32."""
+    q_BTQ = x_BTD.astype(self.dtype) @ self.w_q_DQ[...].astype(self.dtype)
+    q_BTQ = q_BTQ.astype(jnp.float32)
+    if self.query_norm == "batchnorm":
+      q_BTQ = self.query_bn(q_BTQ, use_running_average=not train)
+    q_BTHd = q_BTQ.reshape(*q_BTQ.shape[:-1], self.heads, self.key_dim)
+    if self.query_norm in ("layernorm", "rmsnorm"):  # per head, over its key_dim features
+      if self.query_norm == "layernorm":
+        q_BTHd = q_BTHd - jnp.mean(q_BTHd, axis=-1, keepdims=True)
+      q_BTHd = rms_norm(q_BTHd, None, eps=1e-5)
+      q_BTHd = q_BTHd * self.norm_scale_Q[...].reshape(self.heads, self.key_dim)
+      if self.query_norm == "layernorm":
+        q_BTHd = q_BTHd + self.norm_bias_Q[...].reshape(self.heads, self.key_dim)
+    return q_BTHd
+
+  def __call__(self, x_BTD, *, train: bool = False):
+    """Returns (scores, indices int32, router weights f32), each (B, T, heads, top_k)."""
+    q_BTHd = self.queries(x_BTD, train=train).astype(self.dtype)
+    half = self.key_dim // 2
+    c1, c2 = self.keys1[...].astype(self.dtype), self.keys2[...].astype(self.dtype)
+    scores_BTHK, idx_BTHK = product_key_topk(q_BTHd[..., :half], q_BTHd[..., half:], c1, c2,
+                                             self.top_k)
+    return scores_BTHK, idx_BTHK, router_weights(scores_BTHK, self.router)
+
+
+class PEER(nnx.Module):
+  """PEER layer: `heads` product-key retrievals of `top_k` singleton experts out of N.
+
+  Expert tables u_ND, v_ND (and g_ND with glu) of shape (num_experts, d_model), logical
+  names ('experts', 'expert_embed'). The tables are passed to the expert kernel as
+  stored (not cast to `dtype` as a whole: that would materialise an N×D copy every
+  step); the kernel gathers the needed rows and computes in at least f32, and the
+  output is cast to `dtype`.
+  """
+
+  def __init__(self, d_model: int, *, num_experts: int, heads: int, top_k: int, query_dim: int,
+               query_norm: str = "batchnorm", per_head_keys: bool = False,
+               router: str = "softmax", activation: str = "gelu", glu: bool = False,
+               chunk_size: int = 512, rngs: nnx.Rngs, dtype=jnp.float32):
+    if activation not in PEER_ACTIVATIONS:
+      raise ValueError(f"unknown PEER activation {activation!r}; expected {PEER_ACTIVATIONS}")
+    self.retrieval = ProductKeyRetrieval(
+        d_model, num_keys=num_experts, heads=heads, top_k=top_k, key_dim=query_dim,
+        query_norm=query_norm, per_head_keys=per_head_keys, router=router, rngs=rngs,
+        dtype=dtype)
+    self.activation, self.glu, self.chunk_size, self.dtype = activation, glu, chunk_size, dtype
+    names = ("experts", "expert_embed")
+    shape = (num_experts, d_model)
+    self.u_ND = param(rngs, fan_in_normal(d_model), shape, names)
+    if glu:
+      self.g_ND = param(rngs, fan_in_normal(d_model), shape, names)
+    v_std = value_init_std(heads, top_k, router)
+    self.v_ND = param(rngs, nnx.initializers.normal(stddev=v_std), shape, names)
+
+  def __call__(self, x_BTD, *, train: bool = False):
+    B, T, D = x_BTD.shape
+    x_BTD = x_BTD.astype(self.dtype)
+    _, idx_BTHK, w_BTHK = self.retrieval(x_BTD, train=train)
+    H, K = idx_BTHK.shape[-2:]
+    x_TD = x_BTD.reshape(B * T, D)
+    idx_THK = idx_BTHK.reshape(B * T, H, K)
+    w_THK = w_BTHK.reshape(B * T, H, K)
+    act = ACTIVATIONS[self.activation]
+    if self.glu:
+      y_TD = peer_experts_glu(x_TD, idx_THK, w_THK, self.u_ND[...], self.g_ND[...],
+                              self.v_ND[...], act, chunk_size=self.chunk_size)
+    else:
+      y_TD = peer_experts(x_TD, idx_THK, w_THK, self.u_ND[...], self.v_ND[...], act,
+                          chunk_size=self.chunk_size)
+    aux = {"expert_indices": idx_BTHK, "expert_weights": w_BTHK}
+    return y_TD.reshape(B, T, D).astype(self.dtype), aux

@@ -1,0 +1,142 @@
+"""Decoder-only transformer whose blocks hold a dense, MoE, PKM or PEER feed-forward layer.
+
+Which FFW each block uses comes from the config (`model.ffw`, `model.ffw_layers`); the
+layers themselves know nothing of configs or training.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peer_jax.layers.attention import Attention
+from peer_jax.layers.common import DTYPES, RMSNorm, fan_in_normal, param
+from peer_jax.layers.ffw import DenseFFW
+
+FFW_KINDS = ("dense", "moe", "pkm", "peer")
+
+
+def expert_layer_indices(ffw_layers: str, num_layers: int) -> tuple[int, ...]:
+  """Blocks that use `model.ffw`: 'middle', 'all', 'none' or comma-separated indices.
+
+  'middle' is block (L-1)//2 (0-based), i.e. block 6 of 12 counting from one, as in the
+  paper's comparisons.
+  """
+  spec = str(ffw_layers).strip().lower()
+  if spec == "middle":
+    return ((num_layers - 1) // 2,)
+  if spec == "all":
+    return tuple(range(num_layers))
+  if spec in ("none", ""):
+    return ()
+  try:
+    layers = tuple(sorted({int(s) for s in spec.replace(" ", "").strip("()[]").split(",") if s}))
+  except ValueError:
+    raise ValueError(
+        f"model.ffw_layers: expected 'middle', 'all', 'none' or comma-separated block indices, "
+        f"got {ffw_layers!r}") from None
+  bad = [i for i in layers if not 0 <= i < num_layers]
+  if bad:
+    raise ValueError(f"model.ffw_layers: block indices {bad} outside 0..{num_layers - 1}")
+  return layers
+
+
+def make_ffw(cfg, kind: str, *, rngs: nnx.Rngs, dtype, out_scale: float) -> nnx.Module:
+  """The FFW layer of one block, built from the `model` config section."""
+  d = cfg.d_model
+  if kind == "dense":
+    return DenseFFW(d, cfg.d_ff, cfg.ffw_activation, rngs=rngs, dtype=dtype, out_scale=out_scale)
+  if kind == "peer":
+    from peer_jax.layers.peer import PEER
+    p = cfg.peer
+    return PEER(d, num_experts=p.num_experts, heads=p.heads, top_k=p.top_k,
+                query_dim=p.query_dim, query_norm=p.query_norm, per_head_keys=p.per_head_keys,
+                router=p.router, activation=p.activation, glu=p.glu, chunk_size=p.chunk_size,
+                rngs=rngs, dtype=dtype)
+  if kind == "moe":
+    from peer_jax.layers.moe import MoE
+    m = cfg.moe
+    return MoE(d, num_experts=m.num_experts, d_ff=m.d_ff or cfg.d_ff,
+               capacity_factor=m.capacity_factor, activation=cfg.ffw_activation,
+               rngs=rngs, dtype=dtype)
+  if kind == "pkm":
+    from peer_jax.layers.pkm import PKM
+    m = cfg.pkm
+    return PKM(d, num_memories=m.num_memories, heads=m.heads, top_k=m.top_k,
+               key_dim=m.key_dim, query_norm=m.query_norm, rngs=rngs, dtype=dtype)
+  raise ValueError(f"model.ffw: unknown kind {kind!r}; expected one of {FFW_KINDS}")
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + ffw(norm(x)) (+ a dense FFW in parallel)."""
+
+  def __init__(self, cfg, kind: str, *, rngs: nnx.Rngs, dtype):
+    out_scale = (2 * cfg.num_layers) ** -0.5  # keeps the residual stream's scale with depth
+    self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs)
+    self.attn = Attention(cfg.d_model, cfg.num_heads, rngs=rngs, dtype=dtype,
+                          rope_theta=cfg.rope_theta, out_scale=out_scale)
+    self.ffw_norm = RMSNorm(cfg.d_model, rngs=rngs)
+    self.ffw = make_ffw(cfg, kind, rngs=rngs, dtype=dtype, out_scale=out_scale)
+    parallel = kind == "peer" and cfg.peer.placement == "parallel"
+    self.parallel_ffw = (make_ffw(cfg, "dense", rngs=rngs, dtype=dtype, out_scale=out_scale)
+                         if parallel else None)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, train: bool):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+    h_BTD = self.ffw_norm(x_BTD)
+    y_BTD, aux = self.ffw(h_BTD, train=train)
+    if self.parallel_ffw is not None:
+      y_BTD = y_BTD + self.parallel_ffw(h_BTD, train=train)[0]
+    return x_BTD + y_BTD.astype(x_BTD.dtype), aux
+
+
+def _run_block(block: Block, x_BTD, positions_BT, segment_ids_BT, train: bool):
+  return block(x_BTD, positions_BT, segment_ids_BT, train)
+
+
+class Transformer(nnx.Module):
+  """tokens (B, T) -> logits (B, T, V) in f32, plus a dict of per-block FFW aux outputs."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    # Only plain values are kept on the module: its static attributes become part of the
+    # graph definition, which jit hashes.
+    self.dtype = DTYPES[cfg.dtype]
+    self.num_layers = cfg.num_layers
+    self.d_model = cfg.d_model
+    self.remat = bool(cfg.remat)
+    expert_layers = expert_layer_indices(cfg.ffw_layers, cfg.num_layers)
+    self.embed_VD = param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                          ("vocab", "embed"))
+    for i in range(cfg.num_layers):
+      kind = cfg.ffw if i in expert_layers else "dense"
+      setattr(self, f"block_{i}", Block(cfg, kind, rngs=rngs, dtype=self.dtype))
+    self.final_norm = RMSNorm(cfg.d_model, rngs=rngs)
+    self.unembed_DV = (None if cfg.tie_embeddings else
+                       param(rngs, fan_in_normal(cfg.d_model), (cfg.d_model, cfg.vocab_size),
+                             ("embed", "vocab")))
+
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None, *, train: bool = False
+               ) -> tuple[jax.Array, dict[str, Any]]:
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.dtype)
+    run = functools.partial(_run_block, train=train)
+    if self.remat:
+      run = nnx.remat(run)
+    aux = {}
+    for i in range(self.num_layers):
+      x_BTD, block_aux = run(getattr(self, f"block_{i}"), x_BTD, positions_BT, segment_ids_BT)
+      if block_aux:
+        aux[f"block_{i}"] = block_aux
+    h_BTD = self.final_norm(x_BTD)
+    if self.unembed_DV is None:
+      # Tied output: the embedding has unit-variance rows, so scale logits by 1/sqrt(D).
+      w_DV = self.embed_VD[...].T * self.d_model**-0.5
+    else:
+      w_DV = self.unembed_DV[...]
+    logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+    return logits_BTV, aux

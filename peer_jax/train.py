@@ -1,0 +1,335 @@
+"""Train state, the jitted train step, evaluation and the host loop.
+
+The state is a pytree (`TrainState`) of arrays and nnx.State objects, so Orbax can save
+it as is. One `jax.jit` with explicit in/out shardings and donated state does a whole
+optimizer step, including gradient accumulation over microbatches (`lax.scan`). The host
+loop dispatches step n before fetching step n-1's metrics, so logging never stalls the
+device.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from peer_jax import sharding
+from peer_jax.config_validation import ConfigError, parse_eval_paths, validate_config
+from peer_jax.data.pipeline import TextDataIterator, global_batch
+from peer_jax.data.tokenizer import Tokenizer
+from peer_jax.metrics import MetricWriter, Progress, format_duration
+from peer_jax.model import Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # nnx.State of Params
+  opt_state: Any
+  model_state: Any  # nnx.State of everything else (e.g. batch-norm running statistics)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or Inf."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(tcfg) -> optax.Schedule:
+  """Linear warmup to train.learning_rate, then cosine decay to min_lr_ratio of it."""
+  peak = tcfg.learning_rate
+  decay_steps = max(tcfg.steps - tcfg.warmup_steps, 1)
+  cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=tcfg.min_lr_ratio)
+  if tcfg.warmup_steps == 0:
+    return cosine
+  warmup = optax.linear_schedule(peak / tcfg.warmup_steps, peak, tcfg.warmup_steps)
+  return optax.join_schedules([warmup, cosine], [tcfg.warmup_steps])
+
+
+def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(tcfg)
+  # Norm scales and other vectors are not decayed: shrinking them only fights the norm.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
+                      weight_decay=tcfg.weight_decay, mask=decay_mask)
+  if tcfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw), schedule
+  return adamw, schedule
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything built from a config: mesh, model definition, optimizer, shardings, steps."""
+  cfg: Any
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: TrainState
+  abstract_state: TrainState
+
+  @classmethod
+  def build(cls, cfg, devices=None) -> "Trainer":
+    mesh = sharding.make_mesh(dict(cfg.mesh), devices)
+    tx, schedule = make_optimizer(cfg.train)
+    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
+        opt_state=jax.eval_shape(tx.init, abs_params), model_state=abs_rest)
+    rules = tuple(cfg.sharding.rules)
+    state_shardings = TrainState(
+        step=NamedSharding(mesh, P()),
+        params=sharding.tree_shardings(abs_params, mesh, rules),
+        opt_state=sharding.tree_shardings(abstract_state.opt_state, mesh, rules),
+        model_state=sharding.tree_shardings(abs_rest, mesh, rules))
+    return cls(cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state)
+
+  def init_state(self) -> TrainState:
+    """Initialise parameters directly in their shardings (no host copy of the full model)."""
+    cfg, tx = self.cfg, self.tx
+
+    def init():
+      model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+      _, params, rest = nnx.split(model, nnx.Param, ...)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(params), model_state=rest)
+
+    with self.mesh:
+      return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def batch_sharding(self, ndim: int) -> NamedSharding:
+    return sharding.batch_sharding(self.mesh, ndim)
+
+  @functools.cached_property
+  def train_step(self) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    step_fn = make_train_step(self.graphdef, self.tx, self.schedule, self.cfg)
+    batch_shardings = {k: self.batch_sharding(2) for k in BATCH_KEYS}
+    return jax.jit(step_fn, in_shardings=(self.state_shardings, batch_shardings),
+                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
+                   donate_argnums=0)
+
+  @functools.cached_property
+  def eval_step(self) -> Callable[[TrainState, dict], dict]:
+    batch_shardings = {k: self.batch_sharding(2) for k in BATCH_KEYS}
+    return jax.jit(functools.partial(eval_step, self.graphdef),
+                   in_shardings=(self.state_shardings, batch_shardings),
+                   out_shardings=NamedSharding(self.mesh, P()))
+
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy_sum(logits_BTV, targets_BT, mask_BT):
+  """Sum of masked token losses in f32, and the number of tokens that counted."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return jnp.sum((logz_BT - target_logit_BT) * mask_BT), jnp.sum(mask_BT)
+
+
+def _forward(graphdef, params, model_state, batch, train: bool):
+  # copy=True: the merged module is updated in place (batch-norm statistics) inside jit.
+  model = nnx.merge(graphdef, params, model_state, copy=True)
+  logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=train)
+  loss_sum, count = cross_entropy_sum(logits, batch["targets"], batch["mask"])
+  _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+  return loss_sum, count, aux, new_model_state
+
+
+def expert_metrics(aux: dict, model_cfg) -> dict[str, jax.Array]:
+  """Per-step expert usage and unevenness of every layer that retrieves experts."""
+  from peer_jax import expert_stats
+  sizes = {"peer": model_cfg.peer.num_experts, "pkm": model_cfg.pkm.num_memories}
+  out = {}
+  for block, block_aux in aux.items():
+    if "expert_indices" in block_aux and model_cfg.ffw in sizes:
+      stats = expert_stats.expert_stats(block_aux, sizes[model_cfg.ffw])
+      for name, value in stats.items():
+        out[f"experts/{block}/{name}"] = value
+  return out
+
+
+def make_train_step(graphdef, tx, schedule, cfg):
+  accum = cfg.train.grad_accum_steps
+  model_cfg = cfg.model
+
+  def loss_fn(params, model_state, batch):
+    loss_sum, count, aux, new_model_state = _forward(graphdef, params, model_state, batch, True)
+    return loss_sum, (count, new_model_state, expert_metrics(aux, model_cfg))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    # Microbatch a takes rows a, a+A, a+2A, ...: every microbatch stays spread over all
+    # data-parallel devices instead of living on a 1/A slice of them.
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def one_microbatch(carry, mb):
+      grads_acc, loss_acc, count_acc, model_state = carry
+      (loss_sum, (count, model_state, stats)), grads = grad_fn(state.params, model_state, mb)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      return (grads_acc, loss_acc + loss_sum, count_acc + count, model_state), stats
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.model_state)
+    (grads, loss_sum, count, model_state), stats = jax.lax.scan(one_microbatch, init, micro)
+    # Sum-then-divide makes A microbatches of B/A exactly the gradient of one batch of B.
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "train/loss": loss_sum / denom,
+        "train/grad_norm": grad_norm,
+        "train/learning_rate": schedule(state.step),
+        "train/tokens": count,
+        **{k: jnp.mean(v) for k, v in stats.items()},
+    }
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           model_state=model_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def eval_step(graphdef, state: TrainState, batch: dict) -> dict:
+  loss_sum, count, _, _ = _forward(graphdef, state.params, state.model_state, batch, False)
+  return {"loss_sum": loss_sum, "count": count}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def evaluate(trainer: Trainer, state: TrainState, batches: list[dict]) -> dict[str, float]:
+  """Mean token loss and perplexity over a fixed list of (already global) batches."""
+  loss_sum, count = 0.0, 0.0
+  for batch in batches:
+    out = jax.device_get(trainer.eval_step(state, batch))
+    loss_sum += float(out["loss_sum"])
+    count += float(out["count"])
+  loss = loss_sum / max(count, 1.0)
+  return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+def load_eval_batches(cfg, trainer: Trainer, tokenizer: Tokenizer) -> dict[str, list[dict]]:
+  """The first `data.eval_batches` packed batches of each eval file, in file order."""
+  sets = {}
+  for name, path in parse_eval_paths(cfg.data.eval_paths).items():
+    text_format = "jsonl" if path.endswith(".jsonl") else cfg.data.text_format
+    it = TextDataIterator(path, text_format, tokenizer, batch_size=cfg.train.batch_size,
+                          seq_len=cfg.train.seq_len, seed=0, shuffle=False, repeat=False)
+    batches = []
+    for local in it:
+      batches.append(global_batch(local, trainer.batch_sharding))
+      if len(batches) == cfg.data.eval_batches:
+        break
+    sets[name] = batches
+  return sets
+
+
+def check_finite(step: int, metrics: dict) -> None:
+  loss = float(metrics["train/loss"])
+  if not math.isfinite(loss):
+    raise TrainingDiverged(
+        f"train/loss is {loss} at step {step}: training diverged. Lower train.learning_rate, "
+        f"raise train.warmup_steps, or keep train.grad_clip > 0.")
+
+
+def prepare(cfg) -> Tokenizer:
+  """Validate the config and its files; fail before anything is compiled."""
+  validate_config(cfg, num_devices=jax.device_count())
+  tokenizer = Tokenizer(cfg.data.tokenizer, add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(
+        f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {tokenizer.vocab_size} "
+        f"pieces of data.tokenizer ({cfg.data.tokenizer})")
+  return tokenizer
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
+  """Train `cfg` in `workdir`; returns the last logged metrics."""
+  tokenizer = prepare(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  trainer = Trainer.build(cfg)
+  state = trainer.init_state()
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  data = TextDataIterator(cfg.data.train_path, cfg.data.text_format, tokenizer,
+                          batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+                          seed=cfg.seed, shuffle=cfg.data.shuffle)
+  eval_sets = load_eval_batches(cfg, trainer, tokenizer) if cfg.train.eval_every else {}
+
+  writer = MetricWriter(workdir)
+  total = cfg.train.steps
+  progress = Progress(total, start_step=int(state.step))
+  progress.message(
+      f"peer_jax: {num_params / 1e6:.2f}M parameters, model.ffw={cfg.model.ffw}, "
+      f"mesh {dict(trainer.mesh.shape)}, {total} steps of {cfg.train.batch_size}x"
+      f"{cfg.train.seq_len} tokens; writing to {workdir}")
+
+  pending = None  # (step, metrics still on device) of the step dispatched before
+  eval_results: dict[int, dict[str, float]] = {}
+  last_logged: dict[str, float] = {}
+  interval_tokens, interval_t0 = 0.0, time.perf_counter()
+  data_wait = 0.0
+
+  def finish(step, device_metrics) -> None:
+    nonlocal last_logged, interval_tokens, interval_t0, data_wait
+    metrics = jax.device_get(device_metrics)
+    check_finite(step, metrics)
+    interval_tokens += float(metrics["train/tokens"])
+    if step == 1:
+      progress.restart_clock(1)
+    if step % cfg.train.log_every == 0 or step == total or step in eval_results:
+      now = time.perf_counter()
+      scalars = {k: float(v) for k, v in metrics.items() if k != "train/tokens"}
+      scalars["train/tokens_per_sec"] = interval_tokens / max(now - interval_t0, 1e-9)
+      scalars["train/data_wait_sec"] = data_wait
+      scalars.update(eval_results.pop(step, {}))
+      writer.write(step, scalars)
+      progress.print(step, scalars)
+      last_logged = {"step": step, **scalars}
+      interval_tokens, interval_t0, data_wait = 0.0, time.perf_counter(), 0.0
+
+  with trainer.mesh:
+    for step in range(int(state.step) + 1, total + 1):
+      t0 = time.perf_counter()
+      batch = global_batch(next(data), trainer.batch_sharding)
+      data_wait += time.perf_counter() - t0
+      state, metrics = trainer.train_step(state, batch)
+      if eval_sets and (step % cfg.train.eval_every == 0 or step == total):
+        eval_results[step] = {f"eval/{name}/{key}": value
+                              for name, batches in eval_sets.items()
+                              for key, value in evaluate(trainer, state, batches).items()}
+      if pending is not None:
+        finish(*pending)
+      pending = (step, metrics)
+    if pending is not None:
+      finish(*pending)
+  writer.close()
+  progress.message(f"done: {total} steps; metrics in {writer.path}, "
+                   f"TensorBoard logs in {os.path.join(workdir, 'tensorboard')}")
+  return last_logged
