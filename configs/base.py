@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.ffw_activation = "gelu"
   m.ffw = "dense"
   m.ffw_layers = "middle"
-  m.tie_embeddings = True
+  m.tie_embeddings = False
   m.dtype = "float32"
   m.remat = False
   m.rope_theta = 10000.0
@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.tokenizer = f"{SHARED_DATA}/tokenizers/c4_en_32k_spm.model"
   d.train_path = f"{SHARED_DATA}/wikitext-2/train.txt"
   d.text_format = "lines"
+  d.tfds_data_dir = ""
+  d.num_threads = 0
+  d.prefetch = 2
   d.add_bos = True
   d.add_eos = True
   d.shuffle = True

@@ -6,7 +6,10 @@ Each problem is reported as one line naming the key and what is wrong with it.
 import math
 import os
 
+import jax
+
 from peer_jax import sharding
+from peer_jax.data.sources import TEXT_FORMATS, DataError, check_sources
 from peer_jax.layers.common import DTYPES
 from peer_jax.layers.ffw import FFW_ACTIVATIONS
 from peer_jax.model import FFW_KINDS, expert_layer_indices
@@ -15,7 +18,6 @@ QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
 ROUTERS = ("softmax", "sigmoid")
 EXPERT_ACTIVATIONS = ("gelu", "relu")
 PLACEMENTS = ("replace", "parallel")
-TEXT_FORMATS = ("lines", "paragraphs", "jsonl")
 
 
 class ConfigError(ValueError):
@@ -61,17 +63,6 @@ def _get(cfg, key: str):
 def _file(cfg, key: str, path: str):
   if not os.path.isfile(path):
     _fail(key, f"file not found: {path}")
-
-
-def parse_eval_paths(spec: str) -> dict[str, str]:
-  """'name=path,name2=path2' -> {name: path}; a bare path is named after its file."""
-  sets = {}
-  for item in [s.strip() for s in str(spec or "").split(",") if s.strip()]:
-    name, _, path = item.rpartition("=")
-    if not name:
-      name = os.path.splitext(os.path.basename(path))[0]
-    sets[name] = path
-  return sets
 
 
 def validate_model(cfg) -> None:
@@ -134,7 +125,7 @@ def validate_peer(cfg) -> None:
 
 
 def validate_train(cfg, data_parallel: int) -> None:
-  steps = _positive_int(cfg, "train.steps")
+  _positive_int(cfg, "train.steps")
   batch = _positive_int(cfg, "train.batch_size")
   _positive_int(cfg, "train.seq_len")
   accum = _positive_int(cfg, "train.grad_accum_steps")
@@ -146,9 +137,7 @@ def validate_train(cfg, data_parallel: int) -> None:
           f"microbatch {micro} (batch_size/grad_accum_steps) is not divisible by the "
           f"data-parallel mesh size {data_parallel} (mesh.data * mesh.fsdp)")
   _positive_float(cfg, "train.learning_rate")
-  warmup = _positive_int(cfg, "train.warmup_steps", allow_zero=True)
-  if warmup > steps:
-    _fail("train.warmup_steps", f"{warmup} exceeds train.steps={steps}")
+  _positive_int(cfg, "train.warmup_steps", allow_zero=True)  # clamped to train.steps
   ratio = _positive_float(cfg, "train.min_lr_ratio", allow_zero=True)
   if ratio > 1:
     _fail("train.min_lr_ratio", f"must be in [0, 1], got {ratio}")
@@ -167,10 +156,19 @@ def validate_train(cfg, data_parallel: int) -> None:
 
 def validate_data(cfg) -> None:
   _file(cfg, "data.tokenizer", cfg.data.tokenizer)
-  _file(cfg, "data.train_path", cfg.data.train_path)
   _choice(cfg, "data.text_format", TEXT_FORMATS)
-  for name, path in parse_eval_paths(cfg.data.eval_paths).items():
-    _file(cfg, f"data.eval_paths ({name})", path)
+  for key, split in (("data.train_path", "train"), ("data.eval_paths", "validation")):
+    spec = _get(cfg, key)
+    if key == "data.eval_paths" and not str(spec).strip():
+      continue
+    try:
+      check_sources(spec, split)
+    except DataError as e:
+      raise ConfigError(f"{key}: {e}") from None
+  if not isinstance(_get(cfg, "data.tfds_data_dir"), str):
+    _fail("data.tfds_data_dir", "must be a string (empty for the TFDS default)")
+  _positive_int(cfg, "data.num_threads", allow_zero=True)
+  _positive_int(cfg, "data.prefetch", allow_zero=True)
   _positive_int(cfg, "data.eval_batches")
 
 
@@ -186,5 +184,8 @@ def validate_config(cfg, num_devices: int, check_files: bool = True) -> None:
   validate_model(cfg)
   mesh_shape = validate_mesh(cfg, num_devices)
   validate_train(cfg, sharding.data_parallel_size(mesh_shape))
+  nproc = jax.process_count()
+  if cfg.train.batch_size % nproc:
+    _fail("train.batch_size", f"{cfg.train.batch_size} is not divisible by the {nproc} processes")
   if check_files:
     validate_data(cfg)

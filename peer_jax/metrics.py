@@ -74,7 +74,8 @@ class Progress:
     eta = self.eta_seconds(step)
     parts = [f"step {step}/{self.total}"]
     for key, fmt in (("train/loss", "loss {:.4f}"), ("train/learning_rate", "lr {:.2e}"),
-                     ("train/grad_norm", "gnorm {:.3f}"), ("train/tokens_per_sec", "{:,.0f} tok/s")):
+                     ("train/grad_norm", "gnorm {:.3f}"), ("train/tokens_per_sec", "{:,.0f} tok/s"),
+                     ("train/mfu", "mfu {:.1%}")):
       if key in scalars:
         parts.append(fmt.format(scalars[key]))
     for key, value in scalars.items():

@@ -4,7 +4,6 @@ Which FFW each block uses comes from the config (`model.ffw`, `model.ffw_layers`
 layers themselves know nothing of configs or training.
 """
 
-import functools
 from typing import Any
 
 import jax
@@ -123,12 +122,12 @@ class Transformer(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.dtype)
-    run = functools.partial(_run_block, train=train)
-    if self.remat:
-      run = nnx.remat(run)
+    # Rematerialise each block: its activations are recomputed in the backward pass.
+    run = nnx.remat(_run_block, static_argnums=(4,)) if self.remat else _run_block
     aux = {}
     for i in range(self.num_layers):
-      x_BTD, block_aux = run(getattr(self, f"block_{i}"), x_BTD, positions_BT, segment_ids_BT)
+      x_BTD, block_aux = run(getattr(self, f"block_{i}"), x_BTD, positions_BT, segment_ids_BT,
+                             train)
       if block_aux:
         aux[f"block_{i}"] = block_aux
     h_BTD = self.final_norm(x_BTD)

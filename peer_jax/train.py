@@ -23,10 +23,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from peer_jax import sharding
-from peer_jax.config_validation import ConfigError, parse_eval_paths, validate_config
-from peer_jax.data.pipeline import TextDataIterator, global_batch
-from peer_jax.data.tokenizer import Tokenizer
+from peer_jax import flops, sharding
+from peer_jax.config_validation import ConfigError, validate_config
+from peer_jax.data import (Tokenizer, eval_sources, global_batch, make_eval_iterator,
+                           make_train_iterator)
 from peer_jax.metrics import MetricWriter, Progress, format_duration
 from peer_jax.model import Transformer
 
@@ -49,12 +49,15 @@ class TrainingDiverged(RuntimeError):
 def learning_rate_schedule(tcfg) -> optax.Schedule:
   """Linear warmup to train.learning_rate, then cosine decay to min_lr_ratio of it."""
   peak = tcfg.learning_rate
-  decay_steps = max(tcfg.steps - tcfg.warmup_steps, 1)
+  # A short run (e.g. --config.train.steps=10 on a config made for 1000) warms up for all of it.
+  warmup_steps = min(tcfg.warmup_steps, tcfg.steps)
+  decay_steps = max(tcfg.steps - warmup_steps, 1)
   cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=tcfg.min_lr_ratio)
-  if tcfg.warmup_steps == 0:
+  if warmup_steps == 0:
     return cosine
-  warmup = optax.linear_schedule(peak / tcfg.warmup_steps, peak, tcfg.warmup_steps)
-  return optax.join_schedules([warmup, cosine], [tcfg.warmup_steps])
+  # Step s < warmup gets peak·(s+1)/warmup: the first step already moves, the last reaches peak.
+  warmup = optax.linear_schedule(peak / warmup_steps, peak, max(warmup_steps - 1, 1))
+  return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -231,20 +234,13 @@ def evaluate(trainer: Trainer, state: TrainState, batches: list[dict]) -> dict[s
   return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
 
 
-def load_eval_batches(cfg, trainer: Trainer, tokenizer: Tokenizer) -> dict[str, list[dict]]:
-  """The first `data.eval_batches` packed batches of each eval file, in file order."""
-  sets = {}
-  for name, path in parse_eval_paths(cfg.data.eval_paths).items():
-    text_format = "jsonl" if path.endswith(".jsonl") else cfg.data.text_format
-    it = TextDataIterator(path, text_format, tokenizer, batch_size=cfg.train.batch_size,
-                          seq_len=cfg.train.seq_len, seed=0, shuffle=False, repeat=False)
-    batches = []
-    for local in it:
-      batches.append(global_batch(local, trainer.batch_sharding))
-      if len(batches) == cfg.data.eval_batches:
-        break
-    sets[name] = batches
-  return sets
+def make_eval_iterators(cfg, tokenizer: Tokenizer) -> dict[str, Any]:
+  """One in-order iterator per eval set (`data.eval_paths`): the first `data.eval_batches`."""
+  if not cfg.train.eval_every:
+    return {}
+  return {name: make_eval_iterator(cfg.data, tokenizer, spec, batch_size=cfg.train.batch_size,
+                                   seq_len=cfg.train.seq_len, max_batches=cfg.data.eval_batches)
+          for name, spec in eval_sources(cfg.data.eval_paths).items()}
 
 
 def check_finite(step: int, metrics: dict) -> None:
@@ -274,19 +270,26 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
 
+  # Data first: a bad file or dataset fails here, before anything is compiled.
+  data = make_train_iterator(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
+                             seq_len=cfg.train.seq_len, seed=cfg.seed)
+  eval_iterators = make_eval_iterators(cfg, tokenizer)
   trainer = Trainer.build(cfg)
   state = trainer.init_state()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  data = TextDataIterator(cfg.data.train_path, cfg.data.text_format, tokenizer,
-                          batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
-                          seed=cfg.seed, shuffle=cfg.data.shuffle)
-  eval_sets = load_eval_batches(cfg, trainer, tokenizer) if cfg.train.eval_every else {}
+  # MFU counts model FLOPs only (3x forward), not remat's recomputation.
+  train_flops_per_token = 3 * flops.flops_per_token(cfg.model, cfg.train.seq_len)["total"]
+  peak_flops = flops.device_peak_flops()
+  active_params = flops.param_counts(cfg.model)["active"]
+  eval_sets = {name: [global_batch(b, trainer.batch_sharding) for b in it]
+               for name, it in eval_iterators.items()}
 
   writer = MetricWriter(workdir)
   total = cfg.train.steps
   progress = Progress(total, start_step=int(state.step))
   progress.message(
-      f"peer_jax: {num_params / 1e6:.2f}M parameters, model.ffw={cfg.model.ffw}, "
+      f"peer_jax: {num_params / 1e6:.2f}M parameters ({active_params / 1e6:.2f}M active per "
+      f"token), model.ffw={cfg.model.ffw}, "
       f"mesh {dict(trainer.mesh.shape)}, {total} steps of {cfg.train.batch_size}x"
       f"{cfg.train.seq_len} tokens; writing to {workdir}")
 
@@ -307,6 +310,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
       now = time.perf_counter()
       scalars = {k: float(v) for k, v in metrics.items() if k != "train/tokens"}
       scalars["train/tokens_per_sec"] = interval_tokens / max(now - interval_t0, 1e-9)
+      scalars["train/mfu"] = flops.mfu(scalars["train/tokens_per_sec"], train_flops_per_token,
+                                       peak_flops, jax.device_count())
       scalars["train/data_wait_sec"] = data_wait
       scalars.update(eval_results.pop(step, {}))
       writer.write(step, scalars)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from configs import base
-from peer_jax.config_validation import ConfigError, parse_eval_paths, validate_config
+from peer_jax.config_validation import ConfigError, validate_config
 from tests.conftest import REPO, tiny_config
 
 CONFIG_FILES = sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
@@ -36,13 +36,16 @@ BAD_VALUES = [
     ("model.dtype", "float8", "model.dtype"),
     ("train.learning_rate", -1.0, "train.learning_rate"),
     ("train.grad_accum_steps", 3, "train.batch_size"),
-    ("train.warmup_steps", 100, "train.warmup_steps"),
+    ("train.warmup_steps", -1, "train.warmup_steps"),
     ("train.b2", 1.0, "train.b2"),
     ("mesh.data", 3, "mesh"),
     ("mesh.tensor", -1, "mesh"),  # two axes set to -1
     ("data.train_path", "/nonexistent/train.txt", "data.train_path"),
     ("data.tokenizer", "/nonexistent/spm.model", "data.tokenizer"),
     ("data.text_format", "csv", "data.text_format"),
+    ("data.eval_paths", "valid=/nonexistent/valid.txt", "data.eval_paths"),
+    ("data.train_path", "a=/nonexistent/x.txt@0.5", "data.train_path"),
+    ("data.num_threads", -1, "data.num_threads"),
 ]
 
 
@@ -91,11 +94,6 @@ def test_batch_not_divisible_by_data_parallel_axis(cfg):
     validate_config(cfg, num_devices=8)
   cfg.mesh.data, cfg.mesh.tensor = 4, 2  # dp 4 divides 12
   validate_config(cfg, num_devices=8)
-
-
-def test_eval_paths_parse():
-  assert parse_eval_paths("a=/x/y.txt, /z/valid.jsonl") == {"a": "/x/y.txt", "valid": "/z/valid.jsonl"}
-  assert parse_eval_paths("") == {}
 
 
 def _train_cli(tmp_path, *overrides):

@@ -78,3 +78,45 @@ def test_non_finite_loss_stops_with_message():
   check_finite(3, {"train/loss": 2.5})
   with pytest.raises(TrainingDiverged, match="step 7.*learning_rate"):
     check_finite(7, {"train/loss": float("nan")})
+
+
+@pytest.mark.parametrize("ffw", ["peer", "pkm", "moe"])
+def test_expert_models_learn_on_wikitext(tmp_path, ffw):
+  cfg = tiny_config(ffw)
+  cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 64, 2, 128
+  cfg.model.ffw_layers = "all"  # every block's FFW is the expert layer
+  cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len = 30, 8, 64
+  cfg.train.learning_rate, cfg.train.warmup_steps = 1e-2, 5
+  train_and_evaluate(cfg, str(tmp_path))
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  losses = [r["train/loss"] for r in records]
+  assert np.mean(losses[-5:]) < losses[0] - 2.0, losses
+  if ffw in ("peer", "pkm"):
+    usage = records[-1]["experts/block_0/usage"]
+    unevenness = records[-1]["experts/block_0/unevenness"]
+    # 8*64 tokens x 2 heads x top-4 retrievals over 256 experts: most experts get used.
+    assert 0.3 < usage <= 1.0 and 0.0 <= unevenness < math.log(256)
+
+
+@pytest.mark.slow
+def test_one_million_experts_fit_in_12_gib(tmp_path, repo):
+  """configs/peer_1m.py (a 1024² PEER layer at d_model 256) trains at batch 4x512 in < 12 GiB."""
+  import resource
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, "-c",
+       "import resource, runpy, sys; sys.argv = sys.argv[1:];"
+       "rc = 0\n"
+       "try: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+       "except SystemExit as e: rc = e.code or 0\n"
+       "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
+       os.path.join(repo, "scripts", "train.py"), "--config=" + os.path.join(repo, "configs", "peer_1m.py"),
+       f"--workdir={tmp_path}", "--config.train.steps=3"],
+      capture_output=True, text=True, timeout=1800)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert len(records) == 3 and all(math.isfinite(r["train/loss"]) for r in records)
+  assert records[-1]["train/loss"] < records[0]["train/loss"]
+  peak_gib = int(result.stdout.split("MAXRSS_KB")[-1].split()[0]) / 2**20
+  assert peak_gib < 12.0, f"peak RSS {peak_gib:.2f} GiB"

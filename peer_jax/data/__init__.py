@@ -1,1 +1,7 @@
 """Tokenizer, text sources and the grain input pipeline."""
+
+from peer_jax.data.pipeline import (DataIterator, EvalIterator, TextDataIterator, eval_sources,
+                                    global_batch, make_eval_iterator, make_train_iterator,
+                                    to_model_batch)
+from peer_jax.data.sources import DataError, parse_sources
+from peer_jax.data.tokenizer import Tokenizer

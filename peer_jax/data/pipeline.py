@@ -1,31 +1,85 @@
-"""grain pipeline: shuffle documents, tokenize, pack into fixed-length rows, batch.
+"""grain pipeline: shard, shuffle and mix documents, tokenize, pack into rows, batch.
 
-Packing concatenates documents and splits at `seq_len + 1` tokens, carrying the remainder
-into the next row, so no token is dropped between batches. Each row comes with segment
-ids and positions, so attention never crosses documents and RoPE restarts per document.
-The iterator's position is a small dict (`get_state`/`set_state`) that a checkpoint saves.
+Training (`make_train_iterator`): every source is sharded by document
+(`source[shard_index::shard_count]`, one shard per JAX process), shuffled globally with a
+seed (a new permutation each epoch) and repeated; sources are mixed by weight
+(`grain.MapDataset.mix`, weights are fractions of *documents*). Documents are tokenized in
+`data.num_threads` threads and packed by `ConcatThenSplitIterDataset`: documents are
+concatenated and split every `seq_len + 1` tokens, the remainder carried into the next row,
+so no token is dropped or repeated; each row carries segment ids and positions, so attention
+never crosses documents and RoPE restarts per document piece. A background thread keeps
+`data.prefetch` batches ready. The iterator's position is a small JSON dict
+(`get_state`/`set_state`): after `set_state` the stream continues exactly where it was.
+
+Evaluation (`make_eval_iterator`): documents in file order, no shuffle, no repeat, no
+document continued from one row into the next as in training. Each document is cut into
+windows of `seq_len + 1` tokens overlapping by one token, so every token but the
+document's first is a target exactly once; windows are placed whole, each as its own
+segment, into rows filled first-fit in order, then padded. The last batch is padded with
+empty rows (mask 0), so all data counts and every host yields the same number of batches.
 """
 
-from typing import Iterator
+import atexit
+import dataclasses
+import json
+import weakref
+from typing import Any, Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
 
-from peer_jax.data.text import read_documents
+from peer_jax.data import sources as sources_lib
+from peer_jax.data.sources import DataError, SourceSpec
 from peer_jax.data.tokenizer import Tokenizer
 
+STATE_FORMAT = "peer_jax.data/1"
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 
-def _packed_dataset(docs: list[str], tokenizer: Tokenizer, seq_len: int, *, seed: int,
-                    shuffle: bool, repeat: bool) -> grain.IterDataset:
-  ds = grain.MapDataset.source(docs)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)  # a fresh permutation every epoch when repeated
-  if repeat:
-    ds = ds.repeat()
-  ds = ds.map(lambda text: {"tokens": np.asarray(tokenizer.encode(text), np.int32)})
-  return grain.experimental.ConcatThenSplitIterDataset(
-      ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _cfg(data_cfg, key: str, default):
+  """data_cfg[key] if the config has it (ConfigDict, dict or object), else default."""
+  if data_cfg is None:
+    return default
+  if isinstance(data_cfg, dict) or hasattr(data_cfg, "keys"):
+    try:
+      return data_cfg[key] if key in data_cfg else default
+    except TypeError:
+      pass
+  return getattr(data_cfg, key, default)
+
+
+def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  """(index, count) of this host's share; defaults to (jax.process_index(), process_count())."""
+  count = jax.process_count() if shard_count is None else int(shard_count)
+  index = jax.process_index() if shard_index is None else int(shard_index)
+  if count < 1 or not 0 <= index < count:
+    raise DataError(f"shard_index {index} is not in [0, shard_count={count})")
+  return index, count
+
+
+def _local_batch(batch_size: int, shard_count: int) -> int:
+  if batch_size < 1 or batch_size % shard_count:
+    raise DataError(f"train.batch_size {batch_size} is not divisible by {shard_count} "
+                    f"processes (data shards)")
+  return batch_size // shard_count
+
+
+def _seed32(seed: int, i: int) -> int:
+  return (int(seed) * 1_000_003 + 7919 * i) % (2**32)
+
+
+class _Tokenize:
+  """str document -> {"tokens": int32 array}; picklable, so grain may run it anywhere."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, text: str) -> dict[str, np.ndarray]:
+    return {"tokens": np.asarray(self.tokenizer.encode(text), np.int32)}
 
 
 def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -37,51 +91,284 @@ def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   tokens, segs, pos = rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"]
   mask = (segs[:, 1:] == segs[:, :-1]) & (segs[:, 1:] > 0)
   return {
-      "inputs": tokens[:, :-1],
-      "targets": tokens[:, 1:],
+      "inputs": tokens[:, :-1].astype(np.int32),
+      "targets": tokens[:, 1:].astype(np.int32),
       "positions": pos[:, :-1].astype(np.int32),
       "segment_ids": segs[:, :-1].astype(np.int32),
       "mask": mask.astype(np.float32),
   }
 
 
-class TextDataIterator:
-  """Endless stream of global batches {inputs, targets, positions, segment_ids, mask}.
+def global_batch(local: dict[str, np.ndarray], sharding_for) -> dict[str, jax.Array]:
+  """Assemble per-process batches into global arrays (`sharding_for(ndim)` gives sharding)."""
+  return {k: jax.make_array_from_process_local_data(sharding_for(v.ndim), v)
+          for k, v in local.items()}
 
-  Each process reads its own 1/process_count share of every batch; `global_batch`
-  turns a local batch into one jax.Array sharded over the mesh.
+
+def _to_json(state):
+  return json.loads(json.dumps(state))
+
+
+def _from_json(state):
+  """Undo JSON's tuple -> list for grain's packing state (its slices compare to tuples)."""
+  if isinstance(state, dict):
+    return {k: (({kk: tuple(vv) for kk, vv in v.items()} if k == "remainder_slices" else
+                 _from_json(v))) for k, v in state.items()}
+  if isinstance(state, list):
+    return [_from_json(v) for v in state]
+  return state
+
+
+# ----------------------------------------------------------------------------- opening sources
+
+
+@dataclasses.dataclass
+class OpenedSource:
+  spec: SourceSpec
+  docs: Sequence[str]  # random access, str
+
+
+def open_sources(spec: str | Sequence[SourceSpec], *, text_format: str = "lines",
+                 tfds_data_dir: str | None = None, default_split: str = "train",
+                 ) -> list[OpenedSource]:
+  """Parse a source spec and open every source (reads local files into memory)."""
+  specs = sources_lib.parse_sources(spec, default_split) if isinstance(spec, str) else spec
+  return [OpenedSource(s, sources_lib.open_source(s, text_format=text_format,
+                                                  tfds_data_dir=tfds_data_dir))
+          for s in specs]
+
+
+def document_dataset(opened: Sequence[OpenedSource], *, seed: int, shuffle: bool,
+                     shard_index: int, shard_count: int, num_epochs: int | None = None,
+                     ) -> grain.MapDataset:
+  """This host's stream of documents (str): sharded, shuffled per epoch, repeated, mixed."""
+  parts = []
+  for i, src in enumerate(opened):
+    n = len(src.docs)
+    if n < shard_count:
+      raise DataError(f"source {src.spec.name} ({src.spec.source}) has {n} documents, fewer "
+                      f"than the {shard_count} data shards (processes)")
+    ds = grain.MapDataset.source(src.docs)[shard_index::shard_count]
+    if shuffle:
+      ds = ds.shuffle(seed=_seed32(seed, i))  # reseeded every epoch by repeat()
+    parts.append(ds.repeat(num_epochs))
+  if len(parts) == 1:
+    return parts[0]
+  return grain.MapDataset.mix(parts, weights=[s.spec.weight for s in opened])
+
+
+# ----------------------------------------------------------------------------- training
+
+# Iterators still alive at exit: their prefetch threads are stopped before the interpreter
+# tears down modules (grain's own __del__ then prints tracebacks).
+_LIVE: "weakref.WeakSet[DataIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators():
+  for it in list(_LIVE):
+    it.close()
+    it._it = None  # collected now, while grain's modules still exist
+  import gc
+  gc.collect()
+
+
+class DataIterator:
+  """Endless stream of local batches {inputs, targets, positions, segment_ids, mask}.
+
+  Each batch is this host's (batch_size / shard_count, seq_len) share of the global batch;
+  `global_batch` turns it into jax.Arrays sharded over the mesh.
   """
 
-  def __init__(self, path: str, text_format: str, tokenizer: Tokenizer, *, batch_size: int,
-               seq_len: int, seed: int, shuffle: bool = True, repeat: bool = True):
-    nproc, pid = jax.process_count(), jax.process_index()
-    if batch_size % nproc:
-      raise ValueError(f"train.batch_size {batch_size} is not divisible by {nproc} processes")
-    docs = read_documents(path, text_format)
-    if not docs:
-      raise ValueError(f"{path}: no documents found (data.text_format={text_format!r})")
-    # Shard documents across processes so every host reads a disjoint share.
-    docs = docs[pid::nproc]
-    self.local_batch_size = batch_size // nproc
-    self._dataset = _packed_dataset(docs, tokenizer, seq_len, seed=seed, shuffle=shuffle,
-                                    repeat=repeat).batch(self.local_batch_size,
-                                                         drop_remainder=True)
-    self._it = iter(self._dataset)
+  def __init__(self, dataset: grain.IterDataset, *, local_batch_size: int, seq_len: int,
+               fingerprint: dict):
+    self.local_batch_size, self.seq_len = local_batch_size, seq_len
+    self._fingerprint = _to_json(fingerprint)
+    self._dataset = dataset
+    self._it = iter(dataset)
+    _LIVE.add(self)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return to_model_batch(next(self._it))
+    return next(self._it)
 
-  def get_state(self) -> dict:
-    return self._it.get_state()
+  def get_state(self) -> dict[str, Any]:
+    """The position after the last batch returned, as a JSON-serialisable dict."""
+    return {"format": STATE_FORMAT, "fingerprint": self._fingerprint,
+            "grain": _to_json(self._it.get_state())}
 
-  def set_state(self, state: dict) -> None:
-    self._it.set_state(state)
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continue exactly after the batch at which `state` was taken."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+      raise DataError(f"not a peer_jax data iterator state (format {STATE_FORMAT!r} expected)")
+    saved = state["fingerprint"]
+    if saved != self._fingerprint:
+      diff = {k: (saved.get(k), self._fingerprint.get(k))
+              for k in set(saved) | set(self._fingerprint) if saved.get(k) != self._fingerprint.get(k)}
+      raise DataError(f"the saved data iterator state belongs to a different pipeline "
+                      f"(saved vs now: {diff}); it cannot resume exactly")
+    self._it.set_state(_from_json(state["grain"]))
+
+  def close(self) -> None:
+    """Stop the prefetch thread; the iterator cannot be used afterwards."""
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
 
 
-def global_batch(local: dict[str, np.ndarray], sharding_for) -> dict[str, jax.Array]:
-  """Assemble per-process batches into global arrays (`sharding_for(ndim)` gives sharding)."""
-  return {k: jax.make_array_from_process_local_data(sharding_for(v.ndim), v)
-          for k, v in local.items()}
+def build_train_iterator(opened: Sequence[OpenedSource], tokenizer: Tokenizer, *,
+                         batch_size: int, seq_len: int, seed: int, shuffle: bool = True,
+                         shard_index: int | None = None, shard_count: int | None = None,
+                         num_epochs: int | None = None, num_threads: int = 0,
+                         prefetch: int = 2) -> DataIterator:
+  """The packed, batched training stream over already opened sources (see module doc)."""
+  shard_index, shard_count = resolve_shard(shard_index, shard_count)
+  local = _local_batch(batch_size, shard_count)
+  if seq_len < 1:
+    raise DataError(f"seq_len must be >= 1, got {seq_len}")
+  docs = document_dataset(opened, seed=seed, shuffle=shuffle, shard_index=shard_index,
+                          shard_count=shard_count, num_epochs=num_epochs)
+  tokens = docs.map(_Tokenize(tokenizer)).filter(lambda x: x["tokens"].size > 0)
+  read = grain.ReadOptions(num_threads=num_threads,
+                           prefetch_buffer_size=max(16, 8 * local) if num_threads else 0)
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      tokens.to_iter_dataset(read), length_struct={"tokens": seq_len + 1})
+  ds = ds.batch(local, drop_remainder=True).map(to_model_batch)
+  if prefetch > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  fingerprint = {
+      "sources": [[s.spec.name, len(s.docs), s.spec.weight] for s in opened],
+      "seed": int(seed), "shuffle": bool(shuffle), "seq_len": seq_len, "local_batch": local,
+      "shard": [shard_index, shard_count], "num_epochs": num_epochs,
+      "tokenizer": [tokenizer.vocab_size, tokenizer.add_bos, tokenizer.add_eos],
+  }
+  return DataIterator(ds, local_batch_size=local, seq_len=seq_len, fingerprint=fingerprint)
+
+
+def make_train_iterator(data_cfg, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
+                        seed: int, shard_index: int | None = None,
+                        shard_count: int | None = None, num_epochs: int | None = None,
+                        ) -> DataIterator:
+  """The training stream described by the `data` config section.
+
+  Reads `data.train_path` (source spec, see peer_jax/data/sources.py), `data.text_format`,
+  `data.tfds_data_dir`, `data.shuffle`, `data.num_threads`, `data.prefetch`. `batch_size`
+  is the global batch; this host yields batch_size / shard_count rows per batch.
+  """
+  opened = open_sources(_cfg(data_cfg, "train_path", ""), text_format=_cfg(data_cfg, "text_format", "lines"),
+                        tfds_data_dir=_cfg(data_cfg, "tfds_data_dir", "") or None,
+                        default_split="train")
+  return build_train_iterator(
+      opened, tokenizer, batch_size=batch_size, seq_len=seq_len, seed=seed,
+      shuffle=_cfg(data_cfg, "shuffle", True), shard_index=shard_index,
+      shard_count=shard_count, num_epochs=num_epochs,
+      num_threads=_cfg(data_cfg, "num_threads", 0), prefetch=_cfg(data_cfg, "prefetch", 2))
+
+
+class TextDataIterator(DataIterator):
+  """Backward-compatible constructor: one local file, as train.py used it before."""
+
+  def __init__(self, path: str, text_format: str, tokenizer: Tokenizer, *, batch_size: int,
+               seq_len: int, seed: int, shuffle: bool = True, repeat: bool = True):
+    opened = open_sources(path, text_format=text_format)
+    it = build_train_iterator(opened, tokenizer, batch_size=batch_size, seq_len=seq_len,
+                              seed=seed, shuffle=shuffle, num_epochs=None if repeat else 1)
+    self.__dict__.update(it.__dict__)
+    _LIVE.add(self)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+  """Windows of <= seq_len+1 tokens overlapping by one: each token but the first is a target once."""
+  n = len(tokens)
+  if n < 2:
+    return []
+  return [tokens[s:s + seq_len + 1] for s in range(0, n - 1, seq_len)]
+
+
+def eval_rows(docs, tokenizer: Tokenizer, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+  """Rows {tokens, tokens_segment_ids, tokens_positions} of seq_len+1, in document order."""
+  width = seq_len + 1
+
+  def new_row():
+    return {"tokens": np.zeros(width, np.int32), "tokens_segment_ids": np.zeros(width, np.int32),
+            "tokens_positions": np.zeros(width, np.int32)}
+
+  row, used, seg = new_row(), 0, 0
+  for text in docs:
+    for window in eval_windows(np.asarray(tokenizer.encode(text), np.int32), seq_len):
+      if used + len(window) > width:
+        yield row
+        row, used, seg = new_row(), 0, 0
+      seg += 1
+      row["tokens"][used:used + len(window)] = window
+      row["tokens_segment_ids"][used:used + len(window)] = seg
+      row["tokens_positions"][used:used + len(window)] = np.arange(len(window))
+      used += len(window)
+  if used:
+    yield row
+
+
+class EvalIterator:
+  """Finite, deterministic local batches over one eval source (see module doc).
+
+  Every host computes the same global sequence of rows and keeps its own slice of each
+  global batch, so all hosts yield the same number of batches (the last one padded).
+  """
+
+  def __init__(self, docs: Sequence[str], tokenizer: Tokenizer, *, batch_size: int,
+               seq_len: int, max_batches: int | None = None, shard_index: int | None = None,
+               shard_count: int | None = None, name: str = "eval"):
+    self.shard_index, self.shard_count = resolve_shard(shard_index, shard_count)
+    self.local_batch_size = _local_batch(batch_size, self.shard_count)
+    self.batch_size, self.seq_len, self.max_batches = batch_size, seq_len, max_batches
+    self._docs, self._tokenizer, self.name = docs, tokenizer, name
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    width = self.seq_len + 1
+    empty = {"tokens": np.zeros(width, np.int32), "tokens_segment_ids": np.zeros(width, np.int32),
+             "tokens_positions": np.zeros(width, np.int32)}
+    lo = self.shard_index * self.local_batch_size
+    rows = eval_rows(self._docs, self._tokenizer, self.seq_len)
+    produced = 0
+    while self.max_batches is None or produced < self.max_batches:
+      batch = []
+      for row in rows:
+        batch.append(row)
+        if len(batch) == self.batch_size:
+          break
+      if not batch:
+        return
+      batch += [empty] * (self.batch_size - len(batch))
+      mine = batch[lo:lo + self.local_batch_size]
+      yield to_model_batch({k: np.stack([r[k] for r in mine]) for k in empty})
+      produced += 1
+
+
+def make_eval_iterator(data_cfg, tokenizer: Tokenizer, source: str | SourceSpec, *,
+                       batch_size: int, seq_len: int, max_batches: int | None = None,
+                       shard_index: int | None = None, shard_count: int | None = None,
+                       ) -> EvalIterator:
+  """Eval batches of one source (a single-source spec; default split `validation`)."""
+  spec = source
+  if isinstance(source, str):
+    specs = sources_lib.parse_sources(source, default_split="validation")
+    if len(specs) != 1:
+      raise DataError(f"an eval source is one source, not a mixture: {source!r}")
+    spec = specs[0]
+  docs = sources_lib.open_source(spec, text_format=_cfg(data_cfg, "text_format", "lines"),
+                                 tfds_data_dir=_cfg(data_cfg, "tfds_data_dir", "") or None)
+  return EvalIterator(docs, tokenizer, batch_size=batch_size, seq_len=seq_len,
+                      max_batches=max_batches, shard_index=shard_index,
+                      shard_count=shard_count, name=spec.name)
+
+
+def eval_sources(eval_paths: str) -> dict[str, SourceSpec]:
+  """`data.eval_paths` ('name=SOURCE,name2=SOURCE2') -> {name: SourceSpec}."""
+  if not str(eval_paths or "").strip():
+    return {}
+  return {s.name: s for s in sources_lib.parse_sources(eval_paths, default_split="validation")}
