@@ -89,11 +89,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = ck = ml_collections.ConfigDict()
   ck.every = 500
   ck.keep = 3
+  ck.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+  ck.async_save = True
+  ck.init_from = ""  # a workdir whose latest params start this run (fresh optimizer)
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1
   ms.fsdp = 1
   ms.tensor = 1
+  # Multi-slice pods: how many slices each axis spans over the data-centre network (DCN);
+  # the sizes above are then per slice. 1 = single slice.
+  ms.dcn_data = 1
+  ms.dcn_fsdp = 1
+  ms.dcn_tensor = 1
 
   c.sharding = sh = ml_collections.ConfigDict()
   # Logical axis name -> mesh axes. Edit this table, not the model, to change parallelism.
@@ -103,7 +111,13 @@ def get_config() -> ml_collections.ConfigDict:
       ("mlp", "tensor"),
       ("heads", "tensor"),
       ("vocab", "tensor"),
-      ("experts", None),
+      ("experts", None),  # PEER/PKM table rows: keep None (the bank shards along D)
       ("expert_embed", "tensor"),
+      ("heads_q", "tensor"),  # PEER/PKM query network output (heads x query dim)
+      ("sub_keys", None),
+      ("key_half", None),
+      ("key_heads", None),
+      ("length", None),
+      ("head_dim", None),
   )
   return c

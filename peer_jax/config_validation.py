@@ -151,6 +151,12 @@ def validate_train(cfg, data_parallel: int) -> None:
   _positive_int(cfg, "train.eval_every", allow_zero=True)
   _positive_int(cfg, "checkpoint.every", allow_zero=True)
   _positive_int(cfg, "checkpoint.keep")
+  _positive_int(cfg, "checkpoint.keep_period", allow_zero=True)
+  if not isinstance(_get(cfg, "checkpoint.async_save"), bool):
+    _fail("checkpoint.async_save", f"must be True or False, got {cfg.checkpoint.async_save!r}")
+  init_from = _get(cfg, "checkpoint.init_from")
+  if init_from and not os.path.isdir(init_from):
+    _fail("checkpoint.init_from", f"not a directory: {init_from}")
   _positive_int(cfg, "seed", allow_zero=True)
 
 
@@ -174,9 +180,39 @@ def validate_data(cfg) -> None:
 
 def validate_mesh(cfg, num_devices: int) -> tuple[int, ...]:
   try:
-    return sharding.resolve_mesh_shape(dict(cfg.mesh), num_devices)
+    return sharding.resolve_full_mesh_shape(dict(cfg.mesh), num_devices)
   except sharding.MeshError as e:
     raise ConfigError(str(e)) from None
+
+
+def validate_sharding(cfg, mesh_shape) -> None:
+  """Every parameter dimension divisible by the mesh axes `sharding.rules` maps it to.
+
+  mesh_shape: (data, fsdp, tensor) sizes. The model is built abstractly (no memory).
+  """
+  sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
+  if all(s == 1 for s in sizes.values()):
+    return
+  rules = tuple(_get(cfg, "sharding.rules"))
+  for entry in rules:
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+      _fail("sharding.rules", f"each entry must be (logical_name, mesh_axes), got {entry!r}")
+    axes = sharding.rule_axes(rules, entry[0])
+    bad = [a for a in axes if a not in sharding.MESH_AXES]
+    if bad:
+      _fail("sharding.rules", f"{entry[0]!r} maps to unknown mesh axis {bad[0]!r}; mesh axes are "
+            f"{', '.join(sharding.MESH_AXES)}")
+  if cfg.model.ffw in ("peer", "pkm") and any(
+      sizes[a] > 1 for a in sharding.rule_axes(rules, "experts")):
+    _fail("sharding.rules", "'experts' must map to None: expert tables are sharded along D "
+          "('expert_embed'), never by rows")
+  from flax import nnx
+  from peer_jax.model import Transformer
+  model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  problems = sharding.divisibility_problems(nnx.state(model, nnx.Param), sizes, rules)
+  if problems:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    _fail("sharding.rules", f"{problems[0]}{more}; change the mesh, the model size or the rule")
 
 
 def validate_config(cfg, num_devices: int, check_files: bool = True) -> None:
@@ -184,6 +220,7 @@ def validate_config(cfg, num_devices: int, check_files: bool = True) -> None:
   validate_model(cfg)
   mesh_shape = validate_mesh(cfg, num_devices)
   validate_train(cfg, sharding.data_parallel_size(mesh_shape))
+  validate_sharding(cfg, mesh_shape)
   nproc = jax.process_count()
   if cfg.train.batch_size % nproc:
     _fail("train.batch_size", f"{cfg.train.batch_size} is not divisible by the {nproc} processes")

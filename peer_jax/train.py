@@ -12,6 +12,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -24,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import flops, sharding
+from peer_jax.checkpoint import (Checkpointer, config_changes, is_frozen, restore_params)
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.data import (Tokenizer, eval_sources, global_batch, make_eval_iterator,
                            make_train_iterator)
@@ -262,20 +265,96 @@ def prepare(cfg) -> Tokenizer:
   return tokenizer
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
-  """Train `cfg` in `workdir`; returns the last logged metrics."""
-  tokenizer = prepare(cfg)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+class Preemption:
+  """SIGTERM (what TPU VMs and SLURM send before preempting) asks for a save-and-exit.
 
-  # Data first: a bad file or dataset fails here, before anything is compiled.
+  The flag is only read at step boundaries; on several processes they agree on it, so all
+  of them stop after the same step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
+    return bool(np.any(flags))
+
+
+def _truncate_metrics(path: str, after_step: int) -> None:
+  """Drop records past the restored step: the resumed run writes them again, identically."""
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= after_step]
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def resume_or_init(cfg, trainer: Trainer, ckpt: Checkpointer, data, progress_message
+                   ) -> TrainState:
+  """The latest good checkpoint of this workdir, else checkpoint.init_from, else fresh init."""
+  current = json.loads(cfg.to_json_best_effort())
+  restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings)
+  if restored is not None:
+    changes = config_changes(restored.config, current)
+    frozen = [c for c in changes if is_frozen(c[0])]
+    if frozen:
+      raise ConfigError("; ".join(f"{k}: changed from {a!r} to {b!r}" for k, a, b in frozen)
+                        + f" since checkpoint {restored.step} in {ckpt.directory}; these cannot "
+                        "change on resume (use a new --workdir, or checkpoint.init_from to start "
+                        "from its parameters)")
+    for key, old, new in changes:
+      progress_message(f"config change on resume: {key}: {old!r} -> {new!r}")
+    if restored.data_state is not None:
+      data.set_state(restored.data_state)
+    progress_message(f"resumed from checkpoint {restored.step} in {ckpt.directory}")
+    return restored.state
+  state = trainer.init_state()
+  if cfg.checkpoint.init_from:
+    step, params, model_state = restore_params(cfg.checkpoint.init_from, trainer.abstract_state,
+                                               trainer.state_shardings)
+    # A fresh optimizer and step counter around the other run's weights.
+    state = state.replace(params=params, model_state=model_state,
+                          opt_state=jax.jit(trainer.tx.init,
+                                            out_shardings=trainer.state_shardings.opt_state)(params))
+    progress_message(f"initialised parameters from {cfg.checkpoint.init_from} (step {step})")
+  return state
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
+  """Train `cfg` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
+  tokenizer = prepare(cfg)
+  ckpt = Checkpointer(workdir, cfg.checkpoint)  # fails now if the workdir is not writable
+  # Data next: a bad file or dataset fails here, before anything is compiled.
   data = make_train_iterator(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                              seq_len=cfg.train.seq_len, seed=cfg.seed)
   eval_iterators = make_eval_iterators(cfg, tokenizer)
   trainer = Trainer.build(cfg)
-  state = trainer.init_state()
+  progress = Progress(cfg.train.steps)
+  state = resume_or_init(cfg, trainer, ckpt, data, progress.message)
+  start_step = int(state.step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   # MFU counts model FLOPs only (3x forward), not remat's recomputation.
   train_flops_per_token = 3 * flops.flops_per_token(cfg.model, cfg.train.seq_len)["total"]
@@ -285,56 +364,85 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                for name, it in eval_iterators.items()}
 
   writer = MetricWriter(workdir)
+  _truncate_metrics(writer.path, start_step)
   total = cfg.train.steps
-  progress = Progress(total, start_step=int(state.step))
+  progress.restart_clock(start_step)
   progress.message(
       f"peer_jax: {num_params / 1e6:.2f}M parameters ({active_params / 1e6:.2f}M active per "
-      f"token), model.ffw={cfg.model.ffw}, "
-      f"mesh {dict(trainer.mesh.shape)}, {total} steps of {cfg.train.batch_size}x"
-      f"{cfg.train.seq_len} tokens; writing to {workdir}")
+      f"token), model.ffw={cfg.model.ffw}, mesh {dict(trainer.mesh.shape)}, steps "
+      f"{start_step + 1}..{total} of {cfg.train.batch_size}x{cfg.train.seq_len} tokens; "
+      f"writing to {workdir}")
+  config_dict = json.loads(cfg.to_json_best_effort())
 
   pending = None  # (step, metrics still on device) of the step dispatched before
   eval_results: dict[int, dict[str, float]] = {}
   last_logged: dict[str, float] = {}
-  interval_tokens, interval_t0 = 0.0, time.perf_counter()
-  data_wait = 0.0
+  interval = {"tokens": 0.0, "t0": time.perf_counter(), "data_wait": 0.0, "excluded": 0.0}
 
   def finish(step, device_metrics) -> None:
-    nonlocal last_logged, interval_tokens, interval_t0, data_wait
+    nonlocal last_logged
     metrics = jax.device_get(device_metrics)
     check_finite(step, metrics)
-    interval_tokens += float(metrics["train/tokens"])
-    if step == 1:
-      progress.restart_clock(1)
+    interval["tokens"] += float(metrics["train/tokens"])
     if step % cfg.train.log_every == 0 or step == total or step in eval_results:
-      now = time.perf_counter()
+      elapsed = time.perf_counter() - interval["t0"] - interval["excluded"]
       scalars = {k: float(v) for k, v in metrics.items() if k != "train/tokens"}
-      scalars["train/tokens_per_sec"] = interval_tokens / max(now - interval_t0, 1e-9)
+      scalars["train/tokens_per_sec"] = interval["tokens"] / max(elapsed, 1e-9)
       scalars["train/mfu"] = flops.mfu(scalars["train/tokens_per_sec"], train_flops_per_token,
                                        peak_flops, jax.device_count())
-      scalars["train/data_wait_sec"] = data_wait
+      scalars["train/data_wait_sec"] = interval["data_wait"]
       scalars.update(eval_results.pop(step, {}))
       writer.write(step, scalars)
       progress.print(step, scalars)
       last_logged = {"step": step, **scalars}
-      interval_tokens, interval_t0, data_wait = 0.0, time.perf_counter(), 0.0
+      interval.update(tokens=0.0, t0=time.perf_counter(), data_wait=0.0, excluded=0.0)
+    if step == start_step + 1:
+      # The first step compiled: keep it out of throughput and ETA.
+      progress.restart_clock(step)
+      interval.update(tokens=0.0, t0=time.perf_counter(), data_wait=0.0, excluded=0.0)
 
-  with trainer.mesh:
-    for step in range(int(state.step) + 1, total + 1):
+  def run_eval(step) -> None:
+    jax.block_until_ready(state.step)  # the step's own compute is not eval time
+    t0 = time.perf_counter()
+    eval_results[step] = {f"eval/{name}/{key}": value
+                          for name, batches in eval_sets.items()
+                          for key, value in evaluate(trainer, state, batches).items()}
+    interval["excluded"] += time.perf_counter() - t0
+
+  def save(step, force=False) -> None:
+    jax.block_until_ready(state.step)  # the step's own compute is not checkpoint time
+    t0 = time.perf_counter()
+    ckpt.save(step, state, data.get_state(), config_dict, force=force)
+    interval["excluded"] += time.perf_counter() - t0
+
+  step = start_step
+  with trainer.mesh, Preemption() as preemption:
+    for step in range(start_step + 1, total + 1):
       t0 = time.perf_counter()
       batch = global_batch(next(data), trainer.batch_sharding)
-      data_wait += time.perf_counter() - t0
+      interval["data_wait"] += time.perf_counter() - t0
       state, metrics = trainer.train_step(state, batch)
-      if eval_sets and (step % cfg.train.eval_every == 0 or step == total):
-        eval_results[step] = {f"eval/{name}/{key}": value
-                              for name, batches in eval_sets.items()
-                              for key, value in evaluate(trainer, state, batches).items()}
       if pending is not None:
         finish(*pending)
       pending = (step, metrics)
+      if eval_sets and (step % cfg.train.eval_every == 0 or step == total):
+        run_eval(step)
+      if ckpt.should_save(step) or step == total:
+        save(step, force=step == total)
+      if preemption.agreed():
+        finish(*pending)
+        pending = None
+        if not ckpt.should_save(step) and step != total:
+          save(step, force=True)
+        ckpt.close()
+        progress.message(f"stopped by SIGTERM after step {step}; checkpoint saved in "
+                         f"{ckpt.directory}. Run the same command again to resume.")
+        writer.close()
+        return last_logged
     if pending is not None:
       finish(*pending)
+  ckpt.close()
   writer.close()
-  progress.message(f"done: {total} steps; metrics in {writer.path}, "
-                   f"TensorBoard logs in {os.path.join(workdir, 'tensorboard')}")
+  progress.message(f"done: {total} steps; metrics in {writer.path}, TensorBoard logs in "
+                   f"{os.path.join(workdir, 'tensorboard')}, checkpoints in {ckpt.directory}")
   return last_logged

@@ -28,11 +28,32 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keep the console to progress lines and errors
   from peer_jax.cli import run_or_explain
   from peer_jax.train import train_and_evaluate
-  return run_or_explain(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+  try:
+    config = _CONFIG.value
+    config.get("model")  # forces the lazy load, which raises a stored load error
+  except OSError as e:  # ml_collections loads the file lazily and keeps the error for later
+    missing = flags.FLAGS["config"].config_filename
+    print(f"error: command line: --config: cannot load config file {missing} "
+          f"({str(e).splitlines()[-1].strip()})", file=sys.stderr)
+    return 2
+  return run_or_explain(lambda: train_and_evaluate(config, _WORKDIR.value))
+
+
+def parse_flags(argv):
+  """absl flag parsing, with a bad --config.KEY override reported as one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    cause = e.__cause__ if isinstance(e, flags.Error) and e.__cause__ else e
+    text = str(cause).replace("\\n", " ").replace("\\'", "'")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+      text = text[1:-1]
+    print(f"error: command line: {' '.join(text.split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
