@@ -213,3 +213,42 @@ def _check_writable(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(config, Trainer, TrainState) of a run's latest (or given) checkpoint, on this host's
+  devices: what evaluation and sampling start from."""
+  import ml_collections
+  from peer_jax.train import Trainer
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise CheckpointError(f"{workdir} holds no run (no config.json); train one with "
+                          "scripts/train.py --workdir=...")
+  with open(config_path) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1  # whatever devices are here
+  trainer = Trainer.build(cfg)
+  manager_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(manager_dir):
+    raise CheckpointError(f"no checkpoints in {workdir}")
+  restored = Checkpointer.__new__(Checkpointer)
+  restored.directory, restored.damaged_dir = os.path.abspath(manager_dir), None
+  restored.manager = ocp.CheckpointManager(
+      manager_dir, item_names=("state", "data", "config"),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  target = _abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
+  steps = restored.manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"no complete checkpoint in {manager_dir}")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint for step {step} in {manager_dir} (available: "
+                          f"{sorted(steps)})")
+  try:
+    out = restored.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"checkpoint {step} in {manager_dir} is unreadable: "
+                          f"{_first_line(e)}") from e
+  restored.manager.close()
+  return cfg, trainer, out.state

@@ -46,18 +46,51 @@ class Attention(nnx.Module):
     self.wo_HKD = param(rngs, fan_in_normal(d_model, out_scale), (num_heads, head_dim, d_model),
                         ("heads", "head_dim", "embed"))
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+  def _w(self, p: nnx.Param) -> jax.Array:
+    return p[...].astype(self.dtype)
+
+  def _qkv(self, x_BTD, positions_BT):
     x_BTD = x_BTD.astype(self.dtype)
-    w = lambda p: p[...].astype(self.dtype)
-    q_BTHK = rope(jnp.einsum("btd,dhk->bthk", x_BTD, w(self.wq_DHK)), positions_BT, self.rope_theta)
-    k_BTHK = rope(jnp.einsum("btd,dhk->bthk", x_BTD, w(self.wk_DHK)), positions_BT, self.rope_theta)
-    v_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, w(self.wv_DHK))
+    q_BTHK = rope(jnp.einsum("btd,dhk->bthk", x_BTD, self._w(self.wq_DHK)), positions_BT,
+                  self.rope_theta)
+    k_BTHK = rope(jnp.einsum("btd,dhk->bthk", x_BTD, self._w(self.wk_DHK)), positions_BT,
+                  self.rope_theta)
+    v_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self._w(self.wv_DHK))
+    return q_BTHK, k_BTHK, v_BTHK
+
+  def _attend(self, q_BTHK, k_BSHK, v_BSHK, mask) -> jax.Array:
     # Scores and softmax in f32: bf16 logits lose the small differences softmax amplifies.
-    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK,
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
                              preferred_element_type=jnp.float32) / jnp.sqrt(self.head_dim)
-    mask = causal_mask(segment_ids_BT, x_BTD.shape[1])
     logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(self.dtype)
-    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
-    return jnp.einsum("bthk,hkd->btd", out_BTHK, w(self.wo_HKD))
+    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+    return jnp.einsum("bthk,hkd->btd", out_BTHK, self._w(self.wo_HKD))
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    q_BTHK, k_BTHK, v_BTHK = self._qkv(x_BTD, positions_BT)
+    return self._attend(q_BTHK, k_BTHK, v_BTHK, causal_mask(segment_ids_BT, x_BTD.shape[1]))
+
+  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    shape = (batch, max_len, self.num_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
+            "length": jnp.zeros((), jnp.int32)}
+
+  def extend(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: dict
+             ) -> tuple[jax.Array, dict]:
+    """Attend T new tokens to the cached ones and themselves; returns the grown cache.
+
+    Used for decoding: a prompt fills the cache once (T = prompt length), then each
+    generated token is one call with T = 1. Same math as __call__ on the whole sequence.
+    """
+    q_BTHK, k_BTHK, v_BTHK = self._qkv(x_BTD, positions_BT)
+    start = cache["length"]
+    k_BSHK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTHK.astype(self.dtype), start, 1)
+    v_BSHK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTHK.astype(self.dtype), start, 1)
+    t = x_BTD.shape[1]
+    query_pos_T = start + jnp.arange(t)
+    key_pos_S = jnp.arange(k_BSHK.shape[1])
+    mask = (key_pos_S[None, :] <= query_pos_T[:, None])[None, None]  # (1, 1, T, S)
+    out = self._attend(q_BTHK, k_BSHK, v_BSHK, mask)
+    return out, {"k": k_BSHK, "v": v_BSHK, "length": start + t}
