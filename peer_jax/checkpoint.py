@@ -233,9 +233,7 @@ def load_run(workdir: str, step: int | None = None):
     raise CheckpointError(f"no checkpoints in {workdir}")
   restored = Checkpointer.__new__(Checkpointer)
   restored.directory, restored.damaged_dir = os.path.abspath(manager_dir), None
-  restored.manager = ocp.CheckpointManager(
-      manager_dir, item_names=("state", "data", "config"),
-      options=ocp.CheckpointManagerOptions(read_only=True))
+  restored.manager = ocp.CheckpointManager(manager_dir, item_names=("state", "data", "config"))
   target = _abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
   steps = restored.manager.all_steps()
   if not steps:

@@ -39,20 +39,8 @@ def main(argv):
   return run_or_explain(lambda: train_and_evaluate(config, _WORKDIR.value))
 
 
-def parse_flags(argv):
-  """absl flag parsing, with a bad --config.KEY override reported as one line (exit 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    cause = e.__cause__ if isinstance(e, flags.Error) and e.__cause__ else e
-    text = str(cause).replace("\\n", " ").replace("\\'", "'")
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
-      text = text[1:-1]
-    print(f"error: command line: {' '.join(text.split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run():
+  from peer_jax.cli import parse_flags
   app.run(main, flags_parser=parse_flags)
 
 
