@@ -1,4 +1,4 @@
-"""Train state, the jitted train step, evaluation and the host loop.
+"""Train state, the jitted train step and the host loop (evaluation: peer_jax/evaluate.py).
 
 The state is a pytree (`TrainState`) of arrays and nnx.State objects, so Orbax can save
 it as is. One `jax.jit` with explicit in/out shardings and donated state does a whole
@@ -25,11 +25,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from peer_jax import evaluate as evaluation
 from peer_jax import flops, sharding
 from peer_jax.checkpoint import (Checkpointer, config_changes, is_frozen, restore_params)
 from peer_jax.config_validation import ConfigError, validate_config
-from peer_jax.data import (Tokenizer, eval_sources, global_batch, make_eval_iterator,
-                           make_train_iterator)
+from peer_jax.data import Tokenizer, global_batch, make_train_iterator
 from peer_jax.metrics import MetricWriter, Progress, format_duration
 from peer_jax.model import Transformer
 
@@ -129,13 +129,6 @@ class Trainer:
                    out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
                    donate_argnums=0)
 
-  @functools.cached_property
-  def eval_step(self) -> Callable[[TrainState, dict], dict]:
-    batch_shardings = {k: self.batch_sharding(2) for k in BATCH_KEYS}
-    return jax.jit(functools.partial(eval_step, self.graphdef),
-                   in_shardings=(self.state_shardings, batch_shardings),
-                   out_shardings=NamedSharding(self.mesh, P()))
-
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 
@@ -216,34 +209,6 @@ def make_train_step(graphdef, tx, schedule, cfg):
     return new_state, metrics
 
   return train_step
-
-
-def eval_step(graphdef, state: TrainState, batch: dict) -> dict:
-  loss_sum, count, _, _ = _forward(graphdef, state.params, state.model_state, batch, False)
-  return {"loss_sum": loss_sum, "count": count}
-
-
-# ----------------------------------------------------------------------------- loop
-
-
-def evaluate(trainer: Trainer, state: TrainState, batches: list[dict]) -> dict[str, float]:
-  """Mean token loss and perplexity over a fixed list of (already global) batches."""
-  loss_sum, count = 0.0, 0.0
-  for batch in batches:
-    out = jax.device_get(trainer.eval_step(state, batch))
-    loss_sum += float(out["loss_sum"])
-    count += float(out["count"])
-  loss = loss_sum / max(count, 1.0)
-  return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
-
-
-def make_eval_iterators(cfg, tokenizer: Tokenizer) -> dict[str, Any]:
-  """One in-order iterator per eval set (`data.eval_paths`): the first `data.eval_batches`."""
-  if not cfg.train.eval_every:
-    return {}
-  return {name: make_eval_iterator(cfg.data, tokenizer, spec, batch_size=cfg.train.batch_size,
-                                   seq_len=cfg.train.seq_len, max_batches=cfg.data.eval_batches)
-          for name, spec in eval_sources(cfg.data.eval_paths).items()}
 
 
 def check_finite(step: int, metrics: dict) -> None:
@@ -347,7 +312,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
   # Data next: a bad file or dataset fails here, before anything is compiled.
   data = make_train_iterator(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                              seq_len=cfg.train.seq_len, seed=cfg.seed)
-  eval_iterators = make_eval_iterators(cfg, tokenizer)
+  eval_sets = evaluation.load_eval_sets(cfg, tokenizer)  # read once, scored every eval
   trainer = Trainer.build(cfg)
   progress = Progress(cfg.train.steps)
   state = resume_or_init(cfg, trainer, ckpt, data, progress.message)
@@ -360,8 +325,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
   train_flops_per_token = 3 * flops.flops_per_token(cfg.model, cfg.train.seq_len)["total"]
   peak_flops = flops.device_peak_flops()
   active_params = flops.param_counts(cfg.model)["active"]
-  eval_sets = {name: [global_batch(b, trainer.batch_sharding) for b in it]
-               for name, it in eval_iterators.items()}
+  eval_sets = {name: s.on_device(trainer.batch_sharding) for name, s in eval_sets.items()}
+  evaluator = evaluation.Evaluator(trainer)
 
   writer = MetricWriter(workdir)
   _truncate_metrics(writer.path, start_step)
@@ -404,9 +369,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
   def run_eval(step) -> None:
     jax.block_until_ready(state.step)  # the step's own compute is not eval time
     t0 = time.perf_counter()
-    eval_results[step] = {f"eval/{name}/{key}": value
-                          for name, batches in eval_sets.items()
-                          for key, value in evaluate(trainer, state, batches).items()}
+    eval_results[step] = evaluator.evaluate_sets(state, eval_sets)
     interval["excluded"] += time.perf_counter() - t0
 
   def save(step, force=False) -> None:

@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Evaluate the latest (or a given) checkpoint of a workdir on any number of eval sets.
+
+  python scripts/evaluate.py --workdir=DIR --data=PATH [--data=PATH ...] [--task=lm|lambada]
+      [--step=N] [--expert_histogram=PNG]
+
+PATH is a source as in `data.eval_paths` (docs/data.md): a `.txt` file (documents per line,
+or per `--text_format`), a `.jsonl` file with a `text` field, a prepared dataset directory or
+`tfds:NAME[SPLIT]`, optionally named `NAME=PATH`. Prints one JSON object per data set to
+stdout (`data`, `tokens`, `loss`, `ppl`, `bits_per_byte`, `accuracy` for lambada, expert
+usage/unevenness per PEER/PKM layer) and appends the same lines to DIR/eval_results.jsonl.
+See docs/evaluation.md.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a run (holds config.json and "
+                               "checkpoints/).")
+_DATA = flags.DEFINE_multi_string("data", None, "Eval data: a file, dataset directory or "
+                                  "tfds:NAME[SPLIT], optionally NAME=PATH; repeat for more.")
+_TASK = flags.DEFINE_enum("task", "lm", ["lm", "lambada"], "lm: loss/ppl/bits per byte; "
+                          "lambada: final-word accuracy and its perplexity.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+_HISTOGRAM = flags.DEFINE_string("expert_histogram", None, "Write a PNG of the expert load "
+                                 "distribution of every PEER/PKM layer to this path.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per batch (default: train.batch_size).")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Evaluate at most this many batches "
+                                    "per set (default 0: all of it).")
+_TEXT_FORMAT = flags.DEFINE_enum("text_format", None, ["lines", "paragraphs", "jsonl"],
+                                 "Documents of .txt files (default: data.text_format of the run).")
+flags.mark_flags_as_required(["workdir", "data"])
+
+
+class UsageError(ValueError):
+  pass
+
+
+def _config(workdir: str):
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise UsageError(f"--workdir: {workdir} is not a directory")
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except OSError as e:
+    raise UsageError(f"--workdir: cannot read {path} ({e.strerror or e}); is {workdir} the "
+                     f"workdir of a peer_jax run?") from None
+  except json.JSONDecodeError as e:
+    raise UsageError(f"--workdir: {path} is not valid JSON ({e.msg})") from None
+  cfg = ml_collections.ConfigDict(cfg)
+  cfg.sharding.rules = tuple((k, tuple(v) if isinstance(v, list) else v)
+                             for k, v in cfg.sharding.rules)
+  return cfg
+
+
+def _precheck(workdir: str, histogram: str | None) -> None:
+  """Checks that need no JAX: a wrong workdir or output path fails at once."""
+  _config(workdir)
+  if histogram and not os.path.isdir(os.path.dirname(os.path.abspath(histogram))):
+    raise UsageError(f"--expert_histogram: directory {os.path.dirname(histogram)} does not exist")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
+    raise _NoCheckpoint(f"no checkpoints in {os.path.abspath(checkpoints)}")
+
+
+class _NoCheckpoint(Exception):
+  pass
+
+
+def _build_trainer(cfg):
+  """Trainer on the current devices: the run's mesh if it fits, else pure data parallelism."""
+  import jax
+  from peer_jax import sharding
+  from peer_jax.train import Trainer
+  try:
+    return Trainer.build(cfg)
+  except sharding.MeshError as e:
+    fallback = {k: (-1 if k == "data" else 1) for k in cfg.mesh}
+    print(f"note: the run's mesh does not fit {jax.device_count()} devices ({e}); "
+          f"evaluating with mesh {fallback}", file=sys.stderr)
+    with cfg.unlocked():
+      cfg.mesh.update(fallback)
+    return Trainer.build(cfg)
+
+
+def evaluate(workdir: str, data: list[str], task: str, step: int | None, histogram: str | None,
+             batch_size: int, max_batches: int, text_format: str | None) -> list[dict]:
+  import jax
+  from peer_jax import evaluate as ev
+  from peer_jax.checkpoint import Checkpointer, CheckpointError
+  from peer_jax.data import DataError, Tokenizer
+  from peer_jax.data.sources import check_sources
+  from peer_jax.sharding import data_parallel_size
+
+  cfg = _config(workdir)
+  if histogram and not ev.expert_layers(cfg.model):
+    raise UsageError(f"--expert_histogram: model.ffw={cfg.model.ffw} has no PEER/PKM layer")
+  if text_format:
+    cfg.data.text_format = text_format
+  for path in data:  # cheap existence checks first: a bad path fails before anything is built
+    if len(check_sources(path, default_split="validation")) != 1:
+      raise DataError(f"--data={path}: one source per --data, not a mixture")
+  tokenizer = Tokenizer(cfg.data.tokenizer, add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos)
+
+  trainer = _build_trainer(cfg)
+  dp = data_parallel_size(tuple(trainer.mesh.devices.shape))
+  rows = batch_size or cfg.train.batch_size
+  rows = -(-rows // dp) * dp  # every data-parallel device gets rows (padding rows are free)
+  # Data before the checkpoint: a bad path fails in seconds.
+  sets = [ev.load_eval_set(cfg.data, tokenizer, path, task=task, batch_size=rows,
+                           seq_len=cfg.train.seq_len, max_batches=max_batches or None)
+          for path in data]
+  names = [s.name for s in sets]
+  for i, s in enumerate(sets):  # two files called valid.txt: valid, valid_2
+    if names[:i].count(s.name):
+      s.name = f"{s.name}_{names[:i].count(s.name) + 1}"
+
+  ckpt = Checkpointer(workdir, cfg.checkpoint)
+  try:
+    restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, step=step)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise CheckpointError(f"no readable checkpoint in {ckpt.directory}")
+
+  evaluator = ev.Evaluator(trainer)
+  results, routing = [], {}
+  for s in sets:
+    t0 = time.perf_counter()
+    metrics, z = evaluator.evaluate(restored.state, s.on_device(trainer.batch_sharding),
+                                    return_routing=True)
+    record = {"data": s.data, "name": s.name, "task": s.task, "step": restored.step,
+              **{k: (int(v) if k in ("tokens", "examples") else v) for k, v in metrics.items()},
+              "seconds": round(time.perf_counter() - t0, 3)}
+    results.append(record)
+    routing[s.name] = z
+    if jax.process_index() == 0:
+      print(json.dumps(_jsonable(record)), flush=True)
+      with open(os.path.join(workdir, "eval_results.jsonl"), "a") as f:
+        f.write(json.dumps(_jsonable(record)) + "\n")
+  if histogram and jax.process_index() == 0:
+    ev.write_expert_histogram(histogram, routing)
+    print(f"expert histogram written to {histogram}", file=sys.stderr)
+  return results
+
+
+def _jsonable(record: dict) -> dict:
+  import math
+  return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+          for k, v in record.items()}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    _precheck(_WORKDIR.value, _HISTOGRAM.value)
+  except UsageError as e:
+    print(f"error: command line: {e}", file=sys.stderr)
+    return 2
+  except _NoCheckpoint as e:
+    print(f"error: checkpoint: {e}", file=sys.stderr)
+    return 2
+  from peer_jax.cli import run_or_explain
+  from peer_jax.evaluate import EvalError
+
+  def run():
+    try:
+      evaluate(_WORKDIR.value, _DATA.value, _TASK.value, _STEP.value, _HISTOGRAM.value,
+               _BATCH.value, _MAX_BATCHES.value, _TEXT_FORMAT.value)
+    except (UsageError, EvalError) as e:
+      raise _Usage(str(e)) from None
+
+  try:
+    return run_or_explain(run)
+  except _Usage as e:
+    print(f"error: command line: {e}", file=sys.stderr)
+    return 2
+
+
+class _Usage(Exception):
+  pass
+
+
+def parse_flags(argv):
+  """absl flag parsing with a bad flag reported as one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: command line: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
