@@ -191,14 +191,6 @@ class _Usage(Exception):
   pass
 
 
-def parse_flags(argv):
-  """absl flag parsing with a bad flag reported as one line (exit 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: command line: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
+  from peer_jax.cli import parse_flags
   app.run(main, flags_parser=parse_flags)

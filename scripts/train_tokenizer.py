@@ -51,4 +51,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from peer_jax.cli import parse_flags
+  app.run(main, flags_parser=parse_flags)
