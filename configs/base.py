@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.b2 = 0.95
   t.eps = 1e-8
   t.grad_clip = 1.0
+  t.table_optimizer = "adamw"  # PEER expert tables: adamw | lazy_adam | sgd | adafactor
+  t.table_lr_scale = 1.0
+  t.table_weight_decay = -1.0  # -1: train.weight_decay
   t.log_every = 10
   t.eval_every = 200
 

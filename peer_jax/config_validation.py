@@ -13,6 +13,7 @@ from peer_jax.data.sources import TEXT_FORMATS, DataError, check_sources
 from peer_jax.layers.common import DTYPES
 from peer_jax.layers.ffw import FFW_ACTIVATIONS
 from peer_jax.model import FFW_KINDS, expert_layer_indices
+from peer_jax.optim import TABLE_KINDS
 
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
 ROUTERS = ("softmax", "sigmoid")
@@ -147,6 +148,11 @@ def validate_train(cfg, data_parallel: int) -> None:
       _fail(key, f"must be in [0, 1), got {_get(cfg, key)}")
   _positive_float(cfg, "train.eps")
   _positive_float(cfg, "train.grad_clip", allow_zero=True)
+  _choice(cfg, "train.table_optimizer", TABLE_KINDS)
+  _positive_float(cfg, "train.table_lr_scale")
+  twd = _get(cfg, "train.table_weight_decay")
+  if not isinstance(twd, (int, float)) or (twd < 0 and twd != -1):
+    _fail("train.table_weight_decay", f"must be >= 0, or -1 for train.weight_decay; got {twd!r}")
   _positive_int(cfg, "train.log_every")
   _positive_int(cfg, "train.eval_every", allow_zero=True)
   _positive_int(cfg, "checkpoint.every", allow_zero=True)

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import evaluate as evaluation
-from peer_jax import flops, sharding
+from peer_jax import flops, optim, sharding
 from peer_jax.checkpoint import (Checkpointer, config_changes, is_frozen, restore_params)
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.data import Tokenizer, global_batch, make_train_iterator
@@ -63,15 +63,26 @@ def learning_rate_schedule(tcfg) -> optax.Schedule:
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
-def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(tcfg, model_cfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (clipped) for everything; PEER expert tables optionally get their own optimizer
+  and learning-rate scale (`train.table_*`, see docs/performance.md)."""
   schedule = learning_rate_schedule(tcfg)
   # Norm scales and other vectors are not decayed: shrinking them only fights the norm.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  adamw = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                      weight_decay=tcfg.weight_decay, mask=decay_mask)
+  tx = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
+                   weight_decay=tcfg.weight_decay, mask=decay_mask)
+  if model_cfg is not None and model_cfg.ffw == "peer" and (
+      tcfg.table_optimizer != "adamw" or tcfg.table_lr_scale != 1.0
+      or tcfg.table_weight_decay >= 0):
+    wd = tcfg.weight_decay if tcfg.table_weight_decay < 0 else tcfg.table_weight_decay
+    tx = optim.table_aware_optimizer(
+        tx, table_kind=tcfg.table_optimizer,
+        table_learning_rate=lambda step: schedule(step) * tcfg.table_lr_scale,
+        b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=wd,
+        max_rows=optim.max_table_rows(model_cfg, tcfg.batch_size * tcfg.seq_len))
   if tcfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw), schedule
-  return adamw, schedule
+    tx = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), tx)
+  return tx, schedule
 
 
 # ----------------------------------------------------------------------------- state
@@ -91,7 +102,7 @@ class Trainer:
   @classmethod
   def build(cls, cfg, devices=None) -> "Trainer":
     mesh = sharding.make_mesh(dict(cfg.mesh), devices)
-    tx, schedule = make_optimizer(cfg.train)
+    tx, schedule = make_optimizer(cfg.train, cfg.model)
     abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
     graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
     abstract_state = TrainState(
@@ -170,13 +181,22 @@ def make_train_step(graphdef, tx, schedule, cfg):
   accum = cfg.train.grad_accum_steps
   model_cfg = cfg.model
 
-  def loss_fn(params, model_state, batch):
+  def loss_fn(params, model_state, batch, scale):
     loss_sum, count, aux, new_model_state = _forward(graphdef, params, model_state, batch, True)
-    return loss_sum, (count, new_model_state, expert_metrics(aux, model_cfg))
+    return loss_sum * scale(count), (loss_sum, count, new_model_state,
+                                     expert_metrics(aux, model_cfg))
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def token_mean_grads(state, batch):
+    """Gradient of the mean token loss over the whole batch, in one pass or A microbatches."""
+    if accum == 1:
+      # Dividing inside the loss scales the backward's seed: no extra pass over the gradients
+      # (which matters when they include 2·N·D expert-table entries).
+      per_token = lambda count: 1.0 / jax.lax.stop_gradient(jnp.maximum(count, 1.0))
+      grads, (loss_sum, count, model_state, stats) = grad_fn(
+          state.params, state.model_state, batch, per_token)
+      return grads, loss_sum, count, model_state, stats
     # Microbatch a takes rows a, a+A, a+2A, ...: every microbatch stays spread over all
     # data-parallel devices instead of living on a 1/A slice of them.
     micro = jax.tree.map(
@@ -184,7 +204,8 @@ def make_train_step(graphdef, tx, schedule, cfg):
 
     def one_microbatch(carry, mb):
       grads_acc, loss_acc, count_acc, model_state = carry
-      (loss_sum, (count, model_state, stats)), grads = grad_fn(state.params, model_state, mb)
+      grads, (loss_sum, count, model_state, stats) = grad_fn(
+          state.params, model_state, mb, lambda count: 1.0)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
       return (grads_acc, loss_acc + loss_sum, count_acc + count, model_state), stats
 
@@ -192,8 +213,13 @@ def make_train_step(graphdef, tx, schedule, cfg):
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.model_state)
     (grads, loss_sum, count, model_state), stats = jax.lax.scan(one_microbatch, init, micro)
     # Sum-then-divide makes A microbatches of B/A exactly the gradient of one batch of B.
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    stats = {k: jnp.mean(v) for k, v in stats.items()}
+    return grads, loss_sum, count, model_state, stats
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    grads, loss_sum, count, model_state, stats = token_mean_grads(state, batch)
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -202,7 +228,7 @@ def make_train_step(graphdef, tx, schedule, cfg):
         "train/grad_norm": grad_norm,
         "train/learning_rate": schedule(state.step),
         "train/tokens": count,
-        **{k: jnp.mean(v) for k, v in stats.items()},
+        **stats,
     }
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            model_state=model_state)

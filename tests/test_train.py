@@ -54,8 +54,10 @@ def test_gradient_accumulation_matches_one_big_step():
   params_acc, m_acc = _one_step(cfg, batch)
   np.testing.assert_allclose(m_big["train/loss"], m_acc["train/loss"], rtol=1e-6)
   np.testing.assert_allclose(m_big["train/grad_norm"], m_acc["train/grad_norm"], rtol=1e-5)
+  # Adam's first step is ~lr·sign(g): a gradient near zero turns float noise into an update
+  # of up to lr, so parameters are compared to 1% of the learning rate.
   for a, b in zip(jax.tree.leaves(params_big), jax.tree.leaves(params_acc)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-2 * cfg.train.learning_rate)
   # A different batch gives a different step: the comparison above can fail.
   params_other, _ = _one_step(cfg, next(data))
   assert not all(np.allclose(a, b, atol=1e-6)
@@ -120,3 +122,28 @@ def test_one_million_experts_fit_in_12_gib(tmp_path, repo):
   assert records[-1]["train/loss"] < records[0]["train/loss"]
   peak_gib = int(result.stdout.split("MAXRSS_KB")[-1].split()[0]) / 2**20
   assert peak_gib < 12.0, f"peak RSS {peak_gib:.2f} GiB"
+
+
+@pytest.mark.parametrize("table_optimizer", ["lazy_adam", "sgd"])
+def test_table_optimizers_train_and_only_touch_tables(table_optimizer):
+  cfg = tiny_config("peer")
+  cfg.train.table_optimizer = table_optimizer
+  cfg.train.table_lr_scale = 0.5
+  tok = prepare(cfg)
+  trainer = Trainer.build(cfg)
+  state = trainer.init_state()
+  data = TextDataIterator(cfg.data.train_path, "lines", tok, batch_size=4, seq_len=32, seed=0)
+  batch = global_batch(next(data), trainer.batch_sharding)
+  before = jax.device_get(state.params)
+  losses = []
+  for _ in range(4):
+    state, metrics = trainer.train_step(state, batch)
+    losses.append(float(metrics["train/loss"]))
+  assert losses[-1] < losses[0]
+  after = jax.device_get(state.params)
+  u_before = np.asarray(before["block_0"]["ffw"]["u_ND"].value)
+  u_after = np.asarray(after["block_0"]["ffw"]["u_ND"].value)
+  changed_rows = np.any(u_before != u_after, axis=1)
+  assert 0 < changed_rows.sum() <= u_before.shape[0]
+  if table_optimizer == "lazy_adam":  # rows never retrieved stay exactly as they were
+    assert changed_rows.sum() < u_before.shape[0]

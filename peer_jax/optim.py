@@ -1,0 +1,183 @@
+"""Optimizers for the PEER expert tables (u, v and, with GLU, g: each (N, D)).
+
+The tables hold almost all parameters of a PEER model (2·N·D per layer; 2^29 at N = 1024²,
+D = 256) yet one step touches at most tokens·heads·top_k of their N rows. Dense AdamW reads
+and writes every row and both moments every step; at N = 1024² that dominates the step
+(docs/performance.md). This module builds an optax transformation that treats the tables
+separately from the rest of the model:
+
+    tx = table_aware_optimizer(rest_tx, table_kind="lazy_adam", table_learning_rate=sched,
+                               max_rows=tokens_per_step * heads * top_k, ...)
+
+* `table_kind="adamw"`: the same AdamW, with its own learning rate / schedule.
+* `table_kind="lazy_adam"`: row-sparse ("lazy") Adam. Rows whose gradient is all zero (not
+  retrieved by any token this step) keep their parameters *and* moments untouched; the
+  touched rows (found from the gradient, at most `max_rows` of them) get an AdamW update
+  with the global step's bias correction, as TF's LazyAdam and torch's SparseAdam do.
+  Only O(max_rows·D) of the moments are read and written. Decoupled weight decay, if any,
+  applies to touched rows only.
+* `table_kind="sgd"`: plain SGD (optionally with weight decay), no optimizer state at all.
+* `table_kind="adafactor"`: optax.adafactor with factored second moments (O(N + D) state).
+
+Everything that is not a table (`is_table` decides; by default the leaves named u_ND,
+v_ND, g_ND) goes through `rest_tx` unchanged.
+
+Lazy Adam caveat: `max_rows` must bound the number of distinct rows that receive a
+nonzero gradient in one optimizer step (per table); rows beyond it are skipped that step
+(never silently corrupted: they simply are not updated). tokens_per_step·heads·top_k
+(capped at N) is always enough.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+TABLE_KINDS = ("adamw", "lazy_adam", "sgd", "adafactor")
+TABLE_NAMES = ("u_ND", "v_ND", "g_ND")
+
+
+def _path_names(path) -> list[str]:
+  names = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        names.append(str(getattr(entry, attr)))
+        break
+  return names
+
+
+def is_table(path, leaf) -> bool:
+  """Default table predicate: a 2-D leaf whose path contains u_ND, v_ND or g_ND."""
+  return getattr(leaf, "ndim", 0) == 2 and any(n in TABLE_NAMES for n in _path_names(path))
+
+
+def table_labels(params, predicate: Callable = is_table):
+  """'table' / 'rest' label for every leaf of `params` (for optax.multi_transform)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: "table" if predicate(path, leaf) else "rest", params)
+
+
+# ----------------------------------------------------------------------------- lazy Adam
+
+
+class LazyAdamState(NamedTuple):
+  count: jax.Array  # int32 step count (bias correction)
+  mu: Any
+  nu: Any
+
+
+def touched_rows(grad_ND, max_rows: int):
+  """Indices (max_rows,) of the rows of grad with any nonzero entry; padded with N."""
+  n = grad_ND.shape[0]
+  nonzero_N = jnp.any(grad_ND != 0, axis=tuple(range(1, grad_ND.ndim)))
+  return jnp.nonzero(nonzero_N, size=min(max_rows, n), fill_value=n)[0].astype(jnp.int32)
+
+
+def lazy_adam(learning_rate, *, max_rows: int, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-8, weight_decay: float = 0.0,
+              mu_dtype=None) -> optax.GradientTransformation:
+  """Row-sparse AdamW for (N, ...) tables: only rows with a nonzero gradient change.
+
+  `learning_rate` is a float or an optax schedule of the step count. Returns dense updates
+  (zero on untouched rows), so it composes with optax.apply_updates; the moments are only
+  gathered / scattered on the touched rows.
+  """
+  if max_rows < 1:
+    raise ValueError(f"lazy_adam needs max_rows >= 1, got {max_rows}")
+
+  def init(params):
+    zeros = lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype)
+    return LazyAdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params),
+                         jax.tree.map(zeros, params))
+
+  def update(grads, state, params=None):
+    if params is None and weight_decay:
+      raise ValueError("lazy_adam with weight_decay needs params")
+    count = state.count + 1
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    c1 = 1 - b1 ** count.astype(jnp.float32)
+    c2 = 1 - b2 ** count.astype(jnp.float32)
+
+    def one(g, m, v, p):
+      rows = touched_rows(g, max_rows)
+      get = lambda a: a.at[rows].get(mode="fill", fill_value=0)
+      g_r = get(g).astype(jnp.float32)
+      m_r = b1 * get(m).astype(jnp.float32) + (1 - b1) * g_r
+      v_r = b2 * get(v).astype(jnp.float32) + (1 - b2) * g_r * g_r
+      step_r = (m_r / c1) / (jnp.sqrt(v_r / c2) + eps)
+      if weight_decay:
+        step_r = step_r + weight_decay * get(p).astype(jnp.float32)
+      u_r = (-lr * step_r).astype(g.dtype)
+      put = lambda a, r: a.at[rows].set(r.astype(a.dtype), mode="drop")
+      return jnp.zeros_like(g).at[rows].set(u_r, mode="drop"), put(m, m_r), put(v, v_r)
+
+    leaves_g, treedef = jax.tree.flatten(grads)
+    leaves_m = treedef.flatten_up_to(state.mu)
+    leaves_v = treedef.flatten_up_to(state.nu)
+    leaves_p = treedef.flatten_up_to(params) if params is not None else leaves_g
+    out = [one(g, m, v, p) for g, m, v, p in zip(leaves_g, leaves_m, leaves_v, leaves_p)]
+    updates = treedef.unflatten([o[0] for o in out])
+    mu = treedef.unflatten([o[1] for o in out])
+    nu = treedef.unflatten([o[2] for o in out])
+    return updates, LazyAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+def lazy_adam_apply(param, mu, nu, grad, count, lr, *, max_rows: int, b1=0.9, b2=0.999,
+                    eps=1e-8, weight_decay=0.0):
+  """The lazy-Adam step applied in place: returns (param, mu, nu) after one step.
+
+  Same arithmetic as `lazy_adam` + optax.apply_updates, but the parameter rows are
+  scattered directly (no dense (N, D) `updates` buffer, no dense `param + updates` pass),
+  so with donated buffers only the touched rows and one scan of the gradient cost
+  memory traffic. `count` is the step count *before* this step. For a train step that
+  applies table updates itself (see docs/performance.md).
+  """
+  rows = touched_rows(grad, max_rows)
+  get = lambda a: a.at[rows].get(mode="fill", fill_value=0).astype(jnp.float32)
+  t = (count + 1).astype(jnp.float32)
+  g_r = get(grad)
+  m_r = b1 * get(mu) + (1 - b1) * g_r
+  v_r = b2 * get(nu) + (1 - b2) * g_r * g_r
+  p_r = get(param)
+  step_r = (m_r / (1 - b1 ** t)) / (jnp.sqrt(v_r / (1 - b2 ** t)) + eps) + weight_decay * p_r
+  put = lambda a, r: a.at[rows].set(r.astype(a.dtype), mode="drop")
+  return put(param, p_r - lr * step_r), put(mu, m_r), put(nu, v_r)
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def table_transform(kind: str, learning_rate, *, b1=0.9, b2=0.999, eps=1e-8,
+                    weight_decay=0.0, max_rows: int = 0) -> optax.GradientTransformation:
+  """The optimizer applied to the expert tables alone."""
+  if kind == "adamw":
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if kind == "lazy_adam":
+    return lazy_adam(learning_rate, max_rows=max_rows, b1=b1, b2=b2, eps=eps,
+                     weight_decay=weight_decay)
+  if kind == "sgd":
+    if weight_decay:
+      return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
+    return optax.sgd(learning_rate)
+  if kind == "adafactor":
+    return optax.adafactor(learning_rate, weight_decay_rate=weight_decay or None)
+  raise ValueError(f"unknown table optimizer {kind!r}; expected one of {TABLE_KINDS}")
+
+
+def table_aware_optimizer(rest_tx: optax.GradientTransformation, *, table_kind: str,
+                          table_learning_rate, predicate: Callable = is_table,
+                          **table_kwargs) -> optax.GradientTransformation:
+  """`rest_tx` for ordinary parameters, `table_transform(table_kind, ...)` for tables."""
+  table_tx = table_transform(table_kind, table_learning_rate, **table_kwargs)
+  return optax.multi_transform({"table": table_tx, "rest": rest_tx},
+                               lambda params: table_labels(params, predicate))
+
+
+def max_table_rows(model_cfg, tokens_per_step: int) -> int:
+  """Upper bound on distinct table rows touched by one optimizer step (per table)."""
+  p = model_cfg.peer
+  return int(min(p.num_experts, tokens_per_step * p.heads * p.top_k))
