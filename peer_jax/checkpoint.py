@@ -112,9 +112,13 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-  def restore_latest(self, abstract_state, shardings, *, step: int | None = None
-                     ) -> Restored | None:
-    """The newest readable checkpoint (or `step`), restored onto `shardings`; None if none."""
+  def restore_latest(self, abstract_state, shardings, *, step: int | None = None,
+                     check_config=None) -> Restored | None:
+    """The newest readable checkpoint (or `step`), restored onto `shardings`; None if none.
+
+    `check_config(saved_config, step)` runs on a checkpoint's config before its arrays are
+    read: a config that cannot be honoured must stop the run, not be taken for damage.
+    """
     target = _abstract_with_shardings(abstract_state, shardings)
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
@@ -124,10 +128,18 @@ class Checkpointer:
       steps = [step]
     for s in steps:
       try:
+        config = dict(self.manager.restore(
+            s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+      except Exception as e:  # noqa: BLE001  (an unreadable config is damage too)
+        config, error = None, e
+      if config is not None and check_config is not None:
+        check_config(config, s)  # raises (and stops the run) on changes it cannot honour
+      try:
+        if config is None:
+          raise error
         out = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore()))
-        return Restored(s, out.state, _my_data_state(out.data), dict(out.config))
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return Restored(s, out.state, _my_data_state(out.data), config)
       except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back)
         if step is not None:
           raise CheckpointError(f"checkpoint {s} in {self.directory} is unreadable: "

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peer_jax import sharding
 from peer_jax.layers.attention import Attention
 from peer_jax.layers.common import DTYPES, RMSNorm, fan_in_normal, param
 from peer_jax.layers.ffw import DenseFFW
@@ -91,6 +92,17 @@ class Block(nnx.Module):
     return x_BTD + y_BTD.astype(x_BTD.dtype), aux
 
 
+  def extend(self, x_BTD, positions_BT, cache: dict):
+    """Decoding: the block applied to new tokens given the attention cache of earlier ones."""
+    attn_out, cache = self.attn.extend(self.attn_norm(x_BTD), positions_BT, cache)
+    x_BTD = x_BTD + attn_out
+    h_BTD = self.ffw_norm(x_BTD)
+    y_BTD, _ = self.ffw(h_BTD, train=False)
+    if self.parallel_ffw is not None:
+      y_BTD = y_BTD + self.parallel_ffw(h_BTD, train=False)[0]
+    return x_BTD + y_BTD.astype(x_BTD.dtype), cache
+
+
 def _run_block(block: Block, x_BTD, positions_BT, segment_ids_BT, train: bool):
   return block(x_BTD, positions_BT, segment_ids_BT, train)
 
@@ -122,14 +134,21 @@ class Transformer(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.dtype)
+    # Block boundaries carry the residual stream sharded by the rules (no-op off a mesh).
+    act_names = ("batch", "length", "embed")
+    x_BTD = sharding.constrain(x_BTD, act_names)
     # Rematerialise each block: its activations are recomputed in the backward pass.
     run = nnx.remat(_run_block, static_argnums=(4,)) if self.remat else _run_block
     aux = {}
     for i in range(self.num_layers):
       x_BTD, block_aux = run(getattr(self, f"block_{i}"), x_BTD, positions_BT, segment_ids_BT,
                              train)
+      x_BTD = sharding.constrain(x_BTD, act_names)
       if block_aux:
         aux[f"block_{i}"] = block_aux
+    return self._logits(x_BTD), aux
+
+  def _logits(self, x_BTD: jax.Array) -> jax.Array:
     h_BTD = self.final_norm(x_BTD)
     if self.unembed_DV is None:
       # Tied output: the embedding has unit-variance rows, so scale logits by 1/sqrt(D).
@@ -138,4 +157,20 @@ class Transformer(nnx.Module):
       w_DV = self.unembed_DV[...]
     logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(self.dtype),
                             preferred_element_type=jnp.float32)
-    return logits_BTV, aux
+    return logits_BTV
+
+  def init_cache(self, batch: int, max_len: int) -> list[dict]:
+    """Empty attention caches (one per block) for decoding up to `max_len` tokens."""
+    return [getattr(self, f"block_{i}").attn.init_cache(batch, max_len)
+            for i in range(self.num_layers)]
+
+  def extend(self, tokens_BT: jax.Array, caches: list[dict]) -> tuple[jax.Array, list[dict]]:
+    """Logits of T new tokens that follow the cached ones (eval mode; no packing)."""
+    start = caches[0]["length"]
+    positions_BT = jnp.broadcast_to(start + jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.dtype)
+    new_caches = []
+    for i in range(self.num_layers):
+      x_BTD, cache = getattr(self, f"block_{i}").extend(x_BTD, positions_BT, caches[i])
+      new_caches.append(cache)
+    return self._logits(x_BTD), new_caches

@@ -134,7 +134,10 @@ class Trainer:
 
   @functools.cached_property
   def train_step(self) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    step_fn = make_train_step(self.graphdef, self.tx, self.schedule, self.cfg)
+    # Traced inside the rules context: activation constraints and the D-sharded expert bank
+    # apply on a multi-device mesh (no-ops on one device).
+    step_fn = sharding.with_rules(make_train_step(self.graphdef, self.tx, self.schedule, self.cfg),
+                                  self.mesh, tuple(self.cfg.sharding.rules))
     batch_shardings = {k: self.batch_sharding(2) for k in BATCH_KEYS}
     return jax.jit(step_fn, in_shardings=(self.state_shardings, batch_shardings),
                    out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
@@ -304,16 +307,19 @@ def resume_or_init(cfg, trainer: Trainer, ckpt: Checkpointer, data, progress_mes
                    ) -> TrainState:
   """The latest good checkpoint of this workdir, else checkpoint.init_from, else fresh init."""
   current = json.loads(cfg.to_json_best_effort())
-  restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings)
-  if restored is not None:
-    changes = config_changes(restored.config, current)
-    frozen = [c for c in changes if is_frozen(c[0])]
+
+  def refuse_frozen_changes(saved: dict, step: int) -> None:
+    frozen = [c for c in config_changes(saved, current) if is_frozen(c[0])]
     if frozen:
       raise ConfigError("; ".join(f"{k}: changed from {a!r} to {b!r}" for k, a, b in frozen)
-                        + f" since checkpoint {restored.step} in {ckpt.directory}; these cannot "
+                        + f" since checkpoint {step} in {ckpt.directory}; these cannot "
                         "change on resume (use a new --workdir, or checkpoint.init_from to start "
                         "from its parameters)")
-    for key, old, new in changes:
+
+  restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings,
+                                 check_config=refuse_frozen_changes)
+  if restored is not None:
+    for key, old, new in config_changes(restored.config, current):
       progress_message(f"config change on resume: {key}: {old!r} -> {new!r}")
     if restored.data_state is not None:
       data.set_state(restored.data_state)

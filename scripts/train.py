@@ -19,6 +19,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard logs and "
                                "checkpoints; training resumes from it if it holds a run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator "
+    "(with --num_processes and --process_id). Omit on TPU pods and under SLURM: detected.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,6 +31,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # keep the console to progress lines and errors
+  from peer_jax import distributed  # before anything touches a device
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    print(f"error: command line: {e}", file=sys.stderr)
+    return 2
   from peer_jax.cli import run_or_explain
   from peer_jax.train import train_and_evaluate
   try:

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peer_jax import sharding
 from peer_jax.layers.common import ACTIVATIONS, fan_in_normal, param, rms_norm
 from peer_jax.ops import peer_experts, peer_experts_glu, product_key_topk
 
@@ -172,14 +173,22 @@ class PEER(nnx.Module):
 
   def __call__(self, x_BTD, *, train: bool = False):
     B, T, D = x_BTD.shape
-    x_BTD = x_BTD.astype(self.dtype)
+    x_BTD = sharding.constrain(x_BTD.astype(self.dtype), ("batch", "length", "embed"))
     _, idx_BTHK, w_BTHK = self.retrieval(x_BTD, train=train)
     H, K = idx_BTHK.shape[-2:]
     x_TD = x_BTD.reshape(B * T, D)
     idx_THK = idx_BTHK.reshape(B * T, H, K)
     w_THK = w_BTHK.reshape(B * T, H, K)
     act = ACTIVATIONS[self.activation]
-    if self.glu:
+    ctx = sharding.current_rules()
+    if ctx is not None and ctx.mesh.size > 1:
+      # Under a multi-device mesh: the D-sharded bank (peer_jax/ops/sharded_experts.py).
+      from peer_jax.ops.sharded_experts import sharded_peer_experts
+      y_TD = sharded_peer_experts(
+          x_TD, idx_THK, w_THK, self.u_ND[...], self.v_ND[...], act, mesh=ctx.mesh,
+          model_axes=ctx.axes("expert_embed"), token_axes=ctx.axes("batch"),
+          g=self.g_ND[...] if self.glu else None, chunk_size=self.chunk_size)
+    elif self.glu:
       y_TD = peer_experts_glu(x_TD, idx_THK, w_THK, self.u_ND[...], self.g_ND[...],
                               self.v_ND[...], act, chunk_size=self.chunk_size)
     else:

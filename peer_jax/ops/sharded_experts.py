@@ -1,0 +1,211 @@
+"""The PEER expert bank sharded along D: no device ever holds or gathers a whole table.
+
+Same maths as `peer_experts` / `peer_experts_glu` (peer_jax/ops/experts.py):
+
+    y[t] = Σ_m w[t,m] · σ(u[i]·x[t]) · v[i],     i = indices[t,m],  m over heads × top_k
+
+but the (N, D) tables u, v (and g) are split along D over the `model_axes` of the mesh
+(normally `tensor`, from the `expert_embed` rule), each device holding all N rows of a
+D/t slice. Written with `shard_map` so that the communication is exactly:
+
+* forward: the (tokens, h, k) indices and router weights are replicated over the model
+  axes (all-gathered if the retrieval left them sharded: tokens·h·k integers); each
+  device computes its partial u[i]·x[t] over its D-slice; ONE psum over the model axes of
+  those tokens·h·k scalars (two with GLU); the activation; each device forms the weighted
+  sum of its D-slice of the retrieved v rows. The output stays split along D
+  (out spec (tokens, model_axes)); the caller's sharding constraint reassembles it.
+* backward (hand-written VJP, outside the shard_map so no AD runs through collectives):
+  one psum over the model axes of the tokens·h·k scalars dy·v[i]; every other gradient is
+  local: dx on the device's D-slice, the table gradients scatter-added into the device's
+  (N, D/t) slice. The table gradients are then summed over the token (data-parallel)
+  axes: the usual data-parallel gradient all-reduce, on slices, never a gather.
+
+Every device does the same work whatever the routing (each handles every retrieved row,
+on its D-slice), so there is no load imbalance, unlike sharding along N.
+
+Tokens are split over `token_axes` (the batch axes that are not model axes); work is
+chunked over a device's tokens as in the single-device kernel.
+"""
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from peer_jax.ops.experts import DEFAULT_CHUNK_SIZE, _acc_dtype, _from_chunks, _hidden, _to_chunks
+
+
+def _psum(x, axes):
+  return lax.psum(x, axes) if axes else x
+
+
+def _pre_partial(x_TD, idx_TM, ins, chunk_size, acc):
+  """Partial pre-activations over this device's D-slice: one (T, M) per input table."""
+
+  def body(c):
+    x_CD, idx_CM = c
+    x_CD = x_CD.astype(acc)
+    return tuple(jnp.einsum("cd,cmd->cm", x_CD, jnp.take(t, idx_CM, axis=0).astype(acc),
+                            preferred_element_type=acc) for t in ins)
+
+  out = lax.map(body, (_to_chunks(x_TD, chunk_size), _to_chunks(idx_TM, chunk_size)))
+  return tuple(_from_chunks(o, x_TD.shape[0]) for o in out)
+
+
+def _weighted_rows(coef_TM, idx_TM, table_ND, chunk_size, acc):
+  """Σ_m coef[t,m] · table[idx[t,m]] on this device's D-slice: (T, D/t)."""
+
+  def body(c):
+    coef_CM, idx_CM = c
+    rows = jnp.take(table_ND, idx_CM, axis=0).astype(acc)
+    return jnp.einsum("cm,cmd->cd", coef_CM, rows, preferred_element_type=acc)
+
+  out = lax.map(body, (_to_chunks(coef_TM, chunk_size), _to_chunks(idx_TM, chunk_size)))
+  return _from_chunks(out, coef_TM.shape[0])
+
+
+def _row_dots(dy_TD, idx_TM, table_ND, chunk_size, acc):
+  """dy[t] · table[idx[t,m]] on this device's D-slice: (T, M)."""
+
+  def body(c):
+    dy_CD, idx_CM = c
+    rows = jnp.take(table_ND, idx_CM, axis=0).astype(acc)
+    return jnp.einsum("cd,cmd->cm", dy_CD.astype(acc), rows, preferred_element_type=acc)
+
+  out = lax.map(body, (_to_chunks(dy_TD, chunk_size), _to_chunks(idx_TM, chunk_size)))
+  return _from_chunks(out, dy_TD.shape[0])
+
+
+def _build(activation: Callable, chunk_size: int, mesh: Mesh, token_axes: tuple[str, ...],
+           model_axes: tuple[str, ...], num_ins: int):
+  """The custom-VJP function for one static setting (mesh, axes, activation, chunking)."""
+  tok = token_axes or None
+  mod = model_axes or None
+  x_spec = P(tok, mod)       # (T, D): tokens over token axes, features over model axes
+  tm_spec = P(tok, None)     # (T, M): replicated over model axes
+  table_spec = P(None, mod)  # (N, D): all rows, a D-slice
+  smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+
+  def fwd_body(x_TD, idx_TM, w_TM, *tables):
+    ins, v_ND = tables[:-1], tables[-1]
+    acc = _acc_dtype(x_TD, w_TM, v_ND, *ins)
+    cs = max(1, min(chunk_size, x_TD.shape[0]))
+    # The one all-reduce of the forward: tokens·M partial dot products per input table.
+    pre = _psum(_pre_partial(x_TD, idx_TM, ins, cs, acc), model_axes)
+    coef_TM = w_TM.astype(acc) * _hidden(activation, pre)
+    y_TD = _weighted_rows(coef_TM, idx_TM, v_ND, cs, acc)
+    out_dtype = jnp.result_type(x_TD, w_TM, v_ND, *ins)
+    return (y_TD.astype(out_dtype),) + tuple(pre)
+
+  fwd_map = smap(fwd_body, in_specs=(x_spec, tm_spec, tm_spec) + (table_spec,) * (num_ins + 1),
+                 out_specs=(x_spec,) + (tm_spec,) * num_ins)
+
+  def bwd_body(x_TD, idx_TM, w_TM, dy_TD, *rest):
+    pre = rest[:num_ins]
+    tables = rest[num_ins:]
+    ins, v_ND = tables[:-1], tables[-1]
+    acc = _acc_dtype(x_TD, w_TM, v_ND, *ins)
+    cs = max(1, min(chunk_size, x_TD.shape[0]))
+    w32 = w_TM.astype(acc)
+    h_TM, h_vjp = jax.vjp(lambda *p: _hidden(activation, p), *pre)
+    # The one all-reduce of the backward: dy · v[i], tokens·M scalars.
+    dcoef_TM = _psum(_row_dots(dy_TD, idx_TM, v_ND, cs, acc), model_axes)
+    dw_TM = dcoef_TM * h_TM
+    dpre = h_vjp(dcoef_TM * w32)
+    coef_TM = w32 * h_TM
+
+    def chunk(carry, c):
+      dins, dv = carry
+      x_CD, idx_CM, dy_CD, coef_CM, *dpre_C = c
+      x_CD, dy_CD = x_CD.astype(acc), dy_CD.astype(acc)
+      dx_CD = sum(jnp.einsum("cm,cmd->cd", dp, jnp.take(t, idx_CM, axis=0).astype(acc),
+                             preferred_element_type=acc) for dp, t in zip(dpre_C, ins))
+      flat = idx_CM.reshape(-1)
+      d = x_CD.shape[-1]
+      dins = tuple(dt.at[flat].add((dp[:, :, None] * x_CD[:, None, :]).reshape(-1, d))
+                   for dt, dp in zip(dins, dpre_C))
+      dv = dv.at[flat].add((coef_CM[:, :, None] * dy_CD[:, None, :]).reshape(-1, d))
+      return (dins, dv), dx_CD
+
+    init = (tuple(jnp.zeros(t.shape, acc) for t in ins), jnp.zeros(v_ND.shape, acc))
+    chunks = tuple(_to_chunks(a, cs) for a in (x_TD, idx_TM, dy_TD, coef_TM, *dpre))
+    (dins, dv_ND), dx = lax.scan(chunk, init, chunks)
+    dx_TD = _from_chunks(dx, x_TD.shape[0]).astype(x_TD.dtype)
+    # Data-parallel sum of the table gradients: slices (N, D/t), summed over token axes.
+    dins = tuple(_psum(d, token_axes).astype(t.dtype) for d, t in zip(dins, ins))
+    dv_ND = _psum(dv_ND, token_axes).astype(v_ND.dtype)
+    return (dx_TD, dw_TM.astype(w_TM.dtype)) + dins + (dv_ND,)
+
+  bwd_map = smap(bwd_body,
+                 in_specs=(x_spec, tm_spec, tm_spec, x_spec) + (tm_spec,) * num_ins
+                 + (table_spec,) * (num_ins + 1),
+                 out_specs=(x_spec, tm_spec) + (table_spec,) * (num_ins + 1))
+
+  @jax.custom_vjp
+  def bank(x_TD, idx_TM, w_TM, *tables):
+    return fwd_map(x_TD, idx_TM, w_TM, *tables)[0]
+
+  def bank_fwd(x_TD, idx_TM, w_TM, *tables):
+    y_TD, *pre = fwd_map(x_TD, idx_TM, w_TM, *tables)
+    return y_TD, (x_TD, idx_TM, w_TM, tuple(pre), tables)
+
+  def bank_bwd(res, dy_TD):
+    x_TD, idx_TM, w_TM, pre, tables = res
+    dx_TD, dw_TM, *dtables = bwd_map(x_TD, idx_TM, w_TM, dy_TD.astype(x_TD.dtype), *pre,
+                                     *tables)
+    return (dx_TD, None, dw_TM, *dtables)
+
+  bank.defvjp(bank_fwd, bank_bwd)
+  return bank
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_build(activation, chunk_size, mesh, token_axes, model_axes, num_ins):
+  return _build(activation, chunk_size, mesh, token_axes, model_axes, num_ins)
+
+
+def _axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  return int(np.prod([sizes[a] for a in axes])) if axes else 1
+
+
+def sharded_peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *, mesh: Mesh,
+                         model_axes: Sequence[str] = ("tensor",),
+                         token_axes: Sequence[str] = ("data", "fsdp"),
+                         g=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+  """PEER expert mixture with the tables split along D over `model_axes` of `mesh`.
+
+  Args:
+    x: (T, D) tokens (a global array; T split over `token_axes`).
+    indices, weights: (T, H, K) expert ids and router weights.
+    u, v: (N, D) tables (g too for the GLU variant: activation(g·x) · (u·x) · v).
+    activation: elementwise function (static).
+    mesh: the device mesh; model_axes split D, token_axes split T (an axis may not be in
+      both; axes of size 1 may be listed and cost nothing).
+    chunk_size: tokens per chunk on each device (static).
+
+  Returns:
+    y: (T, D), equal to `peer_experts(x, indices, weights, u, v, activation)`.
+  """
+  model_axes = tuple(model_axes)
+  token_axes = tuple(a for a in token_axes if a not in model_axes)
+  num_tokens, d = x.shape
+  if indices.shape != weights.shape or indices.shape[0] != num_tokens:
+    raise ValueError(f"indices {indices.shape} / weights {weights.shape} must be (T, H, K), "
+                     f"T = {num_tokens}")
+  t_size, m_size = _axes_size(mesh, token_axes), _axes_size(mesh, model_axes)
+  if d % m_size:
+    raise ValueError(f"sharded expert bank: d_model {d} is not divisible by the model axes "
+                     f"{model_axes} (size {m_size})")
+  if num_tokens % t_size:
+    raise ValueError(f"sharded expert bank: {num_tokens} tokens are not divisible by the "
+                     f"token axes {token_axes} (size {t_size})")
+  idx_TM = indices.reshape(num_tokens, -1).astype(jnp.int32)
+  w_TM = weights.reshape(num_tokens, -1)
+  ins = (u,) if g is None else (u, g)
+  bank = _cached_build(activation, int(chunk_size), mesh, token_axes, model_axes, len(ins))
+  return bank(x, idx_TM, w_TM, *ins, v)
