@@ -22,10 +22,10 @@ train: install  ## Train the default small PEER model on the bundled WikiText-2.
 	$(BIN)/python scripts/train.py --config=configs/default.py --workdir=$(WORKDIR)
 
 test: install  ## The default test suite (what CI runs); slow tests are skipped.
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-all: install  ## Every test, slow ones included.
-	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 -m "" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

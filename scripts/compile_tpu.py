@@ -227,4 +227,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  from peer_jax.cli import parse_flags
+  app.run(main, flags_parser=parse_flags)
