@@ -172,12 +172,7 @@ def main(argv=None):
   cols += [c for c in (f"vs {base}" if base else None, "vs naive") if c and c in
            set().union(*rows)]
   out.append(common.table(rows, cols))
-  out.append(f"\nPeak RSS of this process: {common.peak_rss_mib():.0f} MiB")
-  text = "\n".join(out)
-  print(text)
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(text + "\n")
+  common.report(out, a.out)
 
 
 if __name__ == "__main__":

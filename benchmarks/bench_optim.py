@@ -86,12 +86,7 @@ def main(argv=None):
   out.append(common.table(common.timing_rows(times, baseline=base, extra=extra),
                           ["case", "median ms", "min ms", "IQR ms", "n"]
                           + ([f"vs {base}"] if base else []) + ["opt state MiB", "XLA temp MiB"]))
-  out.append(f"\nPeak RSS of this process: {common.peak_rss_mib():.0f} MiB")
-  text = "\n".join(out)
-  print(text)
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(text + "\n")
+  common.report(out, a.out)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,6 @@ def main(argv=None):
     row["tokens/s"] = f"{cases[row['case']].tokens / med:.0f}"
   out.append(common.table(rows, ["case", "median ms", "min ms", "IQR ms", "n", "tokens/s",
                                  "params", "XLA temp MiB", "state MiB"]))
-  out.append(f"\nPeak RSS of this process: {common.peak_rss_mib():.0f} MiB")
 
   if a.loop:
     cfg = load_config("default")
@@ -112,11 +111,7 @@ def main(argv=None):
                  f"checkpoint): {tps:.0f} tokens/s in the last logged interval = "
                  f"{loop_step * 1e3:.1f} ms/step vs {pure * 1e3:.1f} ms for the bare step: "
                  f"{share * 100:.0f}% outside the model (wall incl. compile {wall:.0f} s).")
-  text = "\n".join(out)
-  print(text)
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(text + "\n")
+  common.report(out, a.out)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,12 @@ def machine() -> str:
 
 def command() -> str:
   return " ".join([os.path.basename(sys.executable)] + sys.argv)
+
+
+def report(lines: list[str], out_path: str | None) -> None:
+  """Print the report (with this process's peak RSS) and write it to `out_path` if given."""
+  text = "\n".join(lines + [f"\nPeak RSS of this process: {peak_rss_mib():.0f} MiB"])
+  print(text)
+  if out_path:
+    with open(out_path, "w") as f:
+      f.write(text + "\n")
