@@ -243,11 +243,9 @@ def load_run(workdir: str, step: int | None = None):
   manager_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(manager_dir):
     raise CheckpointError(f"no checkpoints in {workdir}")
-  restored = Checkpointer.__new__(Checkpointer)
-  restored.directory, restored.damaged_dir = os.path.abspath(manager_dir), None
-  restored.manager = ocp.CheckpointManager(manager_dir, item_names=("state", "data", "config"))
+  manager = ocp.CheckpointManager(manager_dir, item_names=("state", "data", "config"))
   target = _abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
-  steps = restored.manager.all_steps()
+  steps = manager.all_steps()
   if not steps:
     raise CheckpointError(f"no complete checkpoint in {manager_dir}")
   step = max(steps) if step is None else step
@@ -255,10 +253,10 @@ def load_run(workdir: str, step: int | None = None):
     raise CheckpointError(f"no checkpoint for step {step} in {manager_dir} (available: "
                           f"{sorted(steps)})")
   try:
-    out = restored.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"checkpoint {step} in {manager_dir} is unreadable: "
                           f"{_first_line(e)}") from e
-  restored.manager.close()
+  finally:
+    manager.close()
   return cfg, trainer, out.state

@@ -7,13 +7,19 @@ from absl import flags
 from peer_jax.config_validation import ConfigError
 
 
-def run_or_explain(fn) -> int:
-  """Run fn; a bad config, a missing file or divergence prints one line and exits non-zero."""
+def run_or_explain(fn, usage_errors: tuple[type[Exception], ...] = ()) -> int:
+  """Run fn; a bad config, a missing file or divergence prints one line and exits non-zero.
+
+  `usage_errors`: a script's own exception types that mean a bad command line.
+  """
   from peer_jax.checkpoint import CheckpointError
   from peer_jax.data import DataError
   from peer_jax.train import TrainingDiverged
   try:
     fn()
+  except usage_errors as e:
+    print(f"error: command line: {e}", file=sys.stderr)
+    return 2
   except ConfigError as e:
     print(f"error: config: {e}", file=sys.stderr)
     return 2

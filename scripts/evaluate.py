@@ -172,23 +172,10 @@ def main(argv):
     return 2
   from peer_jax.cli import run_or_explain
   from peer_jax.evaluate import EvalError
-
-  def run():
-    try:
-      evaluate(_WORKDIR.value, _DATA.value, _TASK.value, _STEP.value, _HISTOGRAM.value,
-               _BATCH.value, _MAX_BATCHES.value, _TEXT_FORMAT.value)
-    except (UsageError, EvalError) as e:
-      raise _Usage(str(e)) from None
-
-  try:
-    return run_or_explain(run)
-  except _Usage as e:
-    print(f"error: command line: {e}", file=sys.stderr)
-    return 2
-
-
-class _Usage(Exception):
-  pass
+  return run_or_explain(
+      lambda: evaluate(_WORKDIR.value, _DATA.value, _TASK.value, _STEP.value, _HISTOGRAM.value,
+                       _BATCH.value, _MAX_BATCHES.value, _TEXT_FORMAT.value),
+      usage_errors=(UsageError, EvalError))
 
 
 if __name__ == "__main__":
