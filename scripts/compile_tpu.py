@@ -3,6 +3,9 @@
 
   python scripts/compile_tpu.py --config=configs/c4_peer.py:6e18 --topology=v5p-32 \\
       [--config.mesh.tensor=4 ...] [--json=out.json]
+  # several slices joined over the data-centre network (DCN): the config's mesh.dcn_* sizes
+  python scripts/compile_tpu.py --config=configs/c4_peer.py:6e18 --topology=v5p-32 \\
+      --num_slices=2 --config.mesh.dcn_data=2 --config.mesh.tensor=4
 
 Needs libtpu (the `jax[tpu]` extra, in its own virtualenv: see docs/scaling.md); nothing
 runs on a device. Prints per-chip memory (and whether it fits the chip's HBM), XLA's cost
@@ -13,7 +16,9 @@ estimate: treat the step time as a lower bound.
 
 Topology names: Cloud TPU slice names (v4-8, v5p-32, v5litepod-16 / v5e-16, v6e-8, ...:
 the number counts TensorCores for v4/v5p and chips for v5e/v6e) or libtpu's own
-`v5p:2x2x4` form.
+`v5p:2x2x4` form. `--num_slices=N` compiles for N such slices (libtpu's multi-slice
+topology); the product of the config's `mesh.dcn_*` sizes must then be N, and `mesh.data` etc.
+are sizes within one slice.
 """
 
 import json
@@ -36,6 +41,8 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "Config file (configs/...).", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-32, v4-8, v5e-16.")
   flags.DEFINE_string("json", None, "Also write the results as JSON to this file.")
+  flags.DEFINE_integer("num_slices", 1, "Number of slices of --topology, joined over DCN "
+                       "(multi-slice); must equal the product of the config's mesh.dcn_* sizes.")
   flags.mark_flags_as_required(["config", "topology"])
 
 # Per chip: HBM bytes, peak bf16 FLOP/s, HBM bandwidth bytes/s (public datasheets).
@@ -102,14 +109,39 @@ def parse_topology(name: str) -> tuple[str, str, int]:
   return gen, f"{gen}:{grid}", chips
 
 
-def topology_devices(name: str):
+def check_num_slices(mesh: dict, num_slices: int) -> tuple[int, ...]:
+  """The config's DCN sizes (mesh.dcn_data, dcn_fsdp, dcn_tensor), checked against --num_slices.
+
+  Raises TopologyError unless their product is `num_slices`; needs no libtpu.
+  """
+  from peer_jax.sharding import DCN_KEYS, MeshError, dcn_shape
+  if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+    raise TopologyError(f"--num_slices={num_slices}: must be a positive integer")
+  try:
+    dcn = dcn_shape(dict(mesh))
+  except MeshError as e:
+    raise TopologyError(str(e)) from None
+  sizes = ", ".join(f"mesh.{k}={v}" for k, v in zip(DCN_KEYS, dcn))
+  if math.prod(dcn) != num_slices:
+    hint = (f"pass --num_slices={math.prod(dcn)}" if num_slices == 1 else
+            f"set the DCN sizes to multiply to {num_slices}, e.g. "
+            f"--config.mesh.dcn_data={num_slices} (data parallelism across slices)")
+    raise TopologyError(f"--num_slices={num_slices}: the config's mesh spans {math.prod(dcn)} "
+                        f"slice(s) ({sizes}); {hint}")
+  return dcn
+
+
+def topology_devices(name: str, num_slices: int = 1):
   gen, libtpu_name, chips = parse_topology(name)
   from jax.experimental import topologies
+  # Only ask for slices when there are several: the one-slice call stays libtpu's default.
+  extra = {"num_slices": num_slices} if num_slices > 1 else {}
   try:
-    topo = topologies.get_topology_desc(libtpu_name, "tpu")
+    topo = topologies.get_topology_desc(libtpu_name, "tpu", **extra)
   except Exception as e:  # libtpu missing, or a shape libtpu does not know
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise TopologyError(f"--topology={name} ({libtpu_name}): libtpu cannot describe it: {msg}. "
+    where = f"{num_slices} x {libtpu_name}" if num_slices > 1 else libtpu_name
+    raise TopologyError(f"--topology={name} ({where}): libtpu cannot describe it: {msg}. "
                         f"Is libtpu installed (pip install 'jax[tpu]', see docs/scaling.md)?"
                         ) from None
   return gen, libtpu_name, list(topo.devices)
@@ -122,14 +154,19 @@ def _cost(compiled) -> dict:
   return dict(cost or {})
 
 
-def compile_report(cfg, topology: str) -> dict:
+def compile_report(cfg, topology: str, num_slices: int = 1) -> dict:
   import jax
   from peer_jax import flops, sharding
   from peer_jax.config_validation import validate_config
   from peer_jax.train import BATCH_KEYS, Trainer
 
-  gen, libtpu_name, devices = topology_devices(topology)
-  _, _, chips = parse_topology(topology)
+  _, _, chips_per_slice = parse_topology(topology)
+  check_num_slices(cfg.mesh, num_slices)
+  gen, libtpu_name, devices = topology_devices(topology, num_slices)
+  chips = chips_per_slice * num_slices
+  if num_slices > 1:
+    topology = f"{num_slices} x {topology}"
+    libtpu_name = f"{num_slices} x {libtpu_name}"
   # libtpu may expose each TensorCore as a device (v4: 2 per chip, 16 GiB each): scale the
   # per-chip numbers to per-device ones.
   share = chips / len(devices)
@@ -150,7 +187,7 @@ def compile_report(cfg, topology: str) -> dict:
         raise
       # XLA refuses programs that do not fit the chip: report that, with its numbers.
       return {"topology": topology, "libtpu_topology": libtpu_name, "chips": chips,
-              "devices": len(devices),
+              "num_slices": num_slices, "devices": len(devices),
               "device_kind": devices[0].device_kind, "mesh": dict(trainer.mesh.shape),
               "config_model": f"{cfg.model.ffw} d{cfg.model.d_model} L{cfg.model.num_layers}",
               "params": flops.param_counts(cfg.model)["total"], "fits": False,
@@ -170,7 +207,8 @@ def compile_report(cfg, topology: str) -> dict:
   model_flops = 3 * flops.flops_per_token(cfg.model, t)["total"] * b * t
   n = len(devices)
   return {
-      "topology": topology, "libtpu_topology": libtpu_name, "chips": chips, "devices": n,
+      "topology": topology, "libtpu_topology": libtpu_name, "chips": chips,
+      "num_slices": num_slices, "devices": n,
       "device_kind": devices[0].device_kind,
       "mesh": dict(trainer.mesh.shape), "config_model": f"{cfg.model.ffw} d{cfg.model.d_model} "
       f"L{cfg.model.num_layers}",
@@ -214,7 +252,7 @@ def main(argv):
   from peer_jax.config_validation import ConfigError
   FLAGS = flags.FLAGS
   try:
-    report = compile_report(FLAGS.config, FLAGS.topology)
+    report = compile_report(FLAGS.config, FLAGS.topology, FLAGS.num_slices)
   except (TopologyError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

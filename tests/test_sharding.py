@@ -8,6 +8,7 @@ the suite keeps its single CPU device.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -309,6 +310,32 @@ def test_topology_names_map_to_libtpu_grids():
   assert parse_topology("v5p-128") == ("v5p", "v5p:4x4x4", 64)
   assert parse_topology("v5litepod-16") == ("v5e", "v5e:4x4", 16)
   assert parse_topology("v6e-8") == ("v6e", "v6e:2x4", 8)
+
+
+def test_compile_tpu_num_slices_must_match_the_dcn_mesh():
+  """--num_slices is checked against mesh.dcn_* before libtpu is needed (none here)."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  try:
+    from compile_tpu import TopologyError, check_num_slices  # noqa: E402
+  finally:
+    sys.path.pop(0)
+  one = {"data": -1, "fsdp": 1, "tensor": 4, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1}
+  assert check_num_slices(one, 1) == (1, 1, 1)
+  assert check_num_slices({**one, "dcn_data": 2}, 2) == (2, 1, 1)
+  assert check_num_slices({**one, "dcn_data": 2, "dcn_fsdp": 2}, 4) == (2, 2, 1)
+  for mesh, n, msg in ((one, 2, "--config.mesh.dcn_data=2"),
+                       ({**one, "dcn_data": 2}, 1, "pass --num_slices=2"),
+                       ({**one, "dcn_data": 2}, 4, "spans 2 slice(s)"),
+                       (one, 0, "must be a positive integer"),
+                       ({**one, "dcn_data": 0}, 1, "mesh.dcn_data")):
+    with pytest.raises(TopologyError, match=re.escape(msg)):
+      check_num_slices(mesh, n)
+  script = os.path.join(REPO, "scripts", "compile_tpu.py")
+  out = subprocess.run([sys.executable, script, "--config=" + os.path.join(REPO, "configs",
+                        "c4_dense.py"), "--topology=v5p-32", "--num_slices=2"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith("error: --num_slices=2: the config's mesh")
 
 
 WORKERS = {"equivalence": worker_equivalence, "bank": worker_bank, "hlo": worker_hlo}
