@@ -137,8 +137,12 @@ class ProductKeyRetrieval(nnx.Module):
     q_BTHd = self.queries(x_BTD, train=train).astype(self.dtype)
     half = self.key_dim // 2
     c1, c2 = self.keys1[...].astype(self.dtype), self.keys2[...].astype(self.dtype)
+    # The FFI top-k has no partitioning rule: only where the program is not split
+    # over devices (GSPMD would replicate its operand).
+    ctx = sharding.current_rules()
+    single_device = ctx is None or ctx.mesh.size == 1
     scores_BTHK, idx_BTHK = product_key_topk(q_BTHd[..., :half], q_BTHd[..., half:], c1, c2,
-                                             self.top_k)
+                                             self.top_k, fast_cpu_topk=single_device)
     return scores_BTHK, idx_BTHK, router_weights(scores_BTHK, self.router)
 
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from peer_jax.ops import fast_topk
+
 
 def _half_scores(q, c):
   """Scores of one query half against its sub-keys: (..., n)."""
@@ -89,13 +91,16 @@ def _check(c1, c2, k):
   return n
 
 
-def product_key_topk(q1, q2, c1, c2, k):
+def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False):
   """Exact top-k over the n² product keys.
 
   Args:
     q1, q2: (..., d/2) query halves ((..., H, d/2) with per-head keys).
     c1, c2: (n, d/2) sub-key sets, or (H, n, d/2) for per-head keys.
     k: number of keys to return, 1 <= k <= n (static).
+    fast_cpu_topk: on CPU, select with the multi-threaded FFI kernel
+      (`peer_jax.ops.fast_topk`; same results as `lax.top_k`). Only for programs that
+      are not partitioned over several devices (the custom call has no sharding rule).
 
   Returns:
     scores: (..., k) in descending order.
@@ -103,14 +108,15 @@ def product_key_topk(q1, q2, c1, c2, k):
   """
   n = _check(c1, c2, k)
   sg = lax.stop_gradient
-  s1, i1 = lax.top_k(_half_scores(sg(q1), sg(c1)), k)  # (..., k) each
-  s2, i2 = lax.top_k(_half_scores(sg(q2), sg(c2)), k)
+  top_k = fast_topk.top_k if fast_cpu_topk else lax.top_k
+  s1, i1 = top_k(_half_scores(sg(q1), sg(c1)), k)  # (..., k) each
+  s2, i2 = top_k(_half_scores(sg(q2), sg(c2)), k)
   # Same values; gradients only through the k selected sub-keys of each half.
   s1 = _selected_scores(s1, q1, c1, i1)
   s2 = _selected_scores(s2, q2, c2, i2)
   cand = s1[..., :, None] + s2[..., None, :]  # (..., k, k): row a pairs with column b
   cand = cand.reshape(*cand.shape[:-2], k * k)
-  _, flat = lax.top_k(sg(cand), k)
+  _, flat = top_k(sg(cand), k)
   scores = jnp.take_along_axis(cand, flat, axis=-1)
   rows = jnp.take_along_axis(i1, flat // k, axis=-1)
   cols = jnp.take_along_axis(i2, flat % k, axis=-1)
