@@ -1,0 +1,101 @@
+"""Pallas expert kernels (peer_jax/ops/pallas_experts.py) against the naive reference.
+
+Run in Pallas interpret mode on CPU (what `interpret=None` picks there). Interpreting a
+kernel costs seconds of tracing and XLA compile per shape, so the default suite keeps one
+forward case and the argument checks; values + gradients over the case matrix are
+`slow` (`pytest -m slow tests/test_pallas.py`, ~2-4 min on a 2-core VM).
+
+Tolerances: the kernels compute in f32 whatever the table dtype, so against the f32
+reference (bf16 tables upcast) values and gradients agree to f32 rounding of sums of a
+few dozen terms: rtol = atol = 1e-4 (observed ~1e-6 relative). Table gradients of bf16
+tables come back in bf16: rtol 1e-2 / atol 1e-2 · max|g|.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from peer_jax.ops import peer_experts_pallas, peer_experts_reference
+
+
+def _inputs(seed, t, d, h, k, n, table_dtype=jnp.float32, dup=True):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  idx = rng.integers(0, n, size=(t, h, k))
+  if dup:
+    # Duplicates within a token (two slots of head 0 pick the same expert, and head 1
+    # repeats head 0's first), and across tokens (a hot expert chosen by every token).
+    idx[:, 0, 1] = idx[:, 0, 0]
+    idx[:, -1, 0] = idx[:, 0, 0]
+    idx[:, 0, -1] = 3
+  w = jnp.asarray(rng.normal(size=(t, h, k)), jnp.float32)
+  u = jnp.asarray(rng.normal(size=(n, d)) / np.sqrt(d), table_dtype)
+  v = jnp.asarray(rng.normal(size=(n, d)), table_dtype)
+  return x, jnp.asarray(idx, jnp.int32), w, u, v
+
+
+def _close(got, want, rtol=1e-4, atol=1e-4):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * max(1.0, np.abs(want).max()))
+
+
+def test_forward_matches_reference():
+  # T = 20 is not a multiple of the 8-token block; N = 64 with 8 slots per token repeats
+  # experts within and across tokens.
+  x, idx, w, u, v = _inputs(0, 20, 32, 2, 4, 64)
+  y = peer_experts_pallas(x, idx, w, u, v, block_tokens=8)
+  assert y.shape == x.shape and y.dtype == jnp.float32
+  _close(y, peer_experts_reference(x, idx, w, u, v))
+
+
+def test_argument_checks():
+  x, idx, w, u, v = _inputs(0, 8, 32, 1, 8, 16)
+  with pytest.raises(ValueError, match="must be"):
+    peer_experts_pallas(x, idx, w[:, :, :4], u, v)
+  with pytest.raises(ValueError, match="D % 128"):
+    peer_experts_pallas(x, idx, w, u, v, interpret=False)
+  with pytest.raises(ValueError, match="multiples of 8"):
+    peer_experts_pallas(x, idx, w, u, v, block_tokens=12)
+
+
+_CASES = [
+    # (T, D, H, K, N, table dtype, block_tokens, block_rows, chunk_pairs, activation)
+    (16, 32, 2, 4, 64, jnp.float32, 8, 16, 8, jax.nn.gelu),     # T divisible by the block
+    (20, 32, 2, 4, 72, jnp.float32, 8, 16, 8, jax.nn.relu),     # T and N not divisible
+    (40, 128, 1, 8, 512, jnp.float32, 16, 64, 16, jax.nn.gelu),  # D = 128, larger N
+    (24, 32, 2, 4, 64, jnp.bfloat16, 8, 16, 8, jax.nn.gelu),    # bf16 tables
+    (18, 128, 2, 4, 256, jnp.bfloat16, 16, 256, 128, jax.nn.gelu),  # bf16, default chunk
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _CASES, ids=lambda c: f"T{c[0]}-D{c[1]}-N{c[4]}-"
+                         f"{jnp.dtype(c[5]).name}-{c[9].__name__}")
+def test_values_and_gradients_match_reference(case):
+  t, d, h, k, n, dt, bt, br, chunk, act = case
+  x, idx, w, u, v = _inputs(1, t, d, h, k, n, dt)
+  u32, v32 = u.astype(jnp.float32), v.astype(jnp.float32)
+  ct = jnp.asarray(np.random.default_rng(2).normal(size=(t, d)), jnp.float32)
+
+  def loss(fn):
+    return lambda x, w, u, v: jnp.sum(ct * fn(x, idx, w, u, v, act).astype(jnp.float32))
+
+  pallas = lambda *a: peer_experts_pallas(*a, block_tokens=bt, block_rows=br, chunk_pairs=chunk)
+  y, grads = jax.jit(jax.value_and_grad(loss(pallas), argnums=(0, 1, 2, 3)))(x, w, u, v)
+  y_ref, grads_ref = jax.value_and_grad(loss(peer_experts_reference), argnums=(0, 1, 2, 3))(
+      x, w, u32, v32)
+  _close(y, y_ref)
+  for name, g, g_ref in zip("x w u v".split(), grads, grads_ref):
+    assert g.shape == g_ref.shape, name
+    if name in "uv":
+      assert g.dtype == dt, name
+      if dt == jnp.bfloat16:
+        _close(g, g_ref, rtol=1e-2, atol=1e-2)
+        continue
+    _close(g, g_ref)
+  # Rows no token chose get exactly zero gradient.
+  untouched = np.setdiff1d(np.arange(n), np.asarray(idx).ravel())
+  assert not np.any(np.asarray(grads[2], np.float32)[untouched])
+  assert not np.any(np.asarray(grads[3], np.float32)[untouched])
