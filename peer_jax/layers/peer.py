@@ -82,7 +82,8 @@ class ProductKeyRetrieval(nnx.Module):
 
   def __init__(self, d_model: int, *, num_keys: int, heads: int, top_k: int, key_dim: int,
                query_norm: str = "batchnorm", per_head_keys: bool = False,
-               router: str = "softmax", rngs: nnx.Rngs, dtype=jnp.float32):
+               router: str = "softmax", chunk_tokens: int | None = None, rngs: nnx.Rngs,
+               dtype=jnp.float32):
     if query_norm not in QUERY_NORMS:
       raise ValueError(f"unknown query_norm {query_norm!r}; expected one of {QUERY_NORMS}")
     if router not in ROUTERS:
@@ -94,6 +95,7 @@ class ProductKeyRetrieval(nnx.Module):
       raise ValueError(f"need 1 <= top_k <= sqrt(N) = {n}, got top_k={top_k}")
     self.heads, self.top_k, self.key_dim, self.n = heads, top_k, key_dim, n
     self.query_norm, self.router, self.dtype = query_norm, router, dtype
+    self.per_head_keys, self.chunk_tokens = per_head_keys, chunk_tokens
     q_dim = heads * key_dim
     self.w_q_DQ = param(rngs, fan_in_normal(d_model), (d_model, q_dim), ("embed", "heads_q"))
     if query_norm == "batchnorm":
@@ -137,12 +139,16 @@ class ProductKeyRetrieval(nnx.Module):
     q_BTHd = self.queries(x_BTD, train=train).astype(self.dtype)
     half = self.key_dim // 2
     c1, c2 = self.keys1[...].astype(self.dtype), self.keys2[...].astype(self.dtype)
-    # The FFI top-k has no partitioning rule: only where the program is not split
-    # over devices (GSPMD would replicate its operand).
+    # The FFI top-k has no partitioning rule, and chunking reshapes the token axes: both
+    # only where the program is not split over devices (GSPMD would regather).
     ctx = sharding.current_rules()
     single_device = ctx is None or ctx.mesh.size == 1
+    chunk_rows = None
+    if single_device and self.chunk_tokens:
+      chunk_rows = self.chunk_tokens * (1 if self.per_head_keys else self.heads)
     scores_BTHK, idx_BTHK = product_key_topk(q_BTHd[..., :half], q_BTHd[..., half:], c1, c2,
-                                             self.top_k, fast_cpu_topk=single_device)
+                                             self.top_k, fast_cpu_topk=single_device,
+                                             chunk_size=chunk_rows)
     return scores_BTHK, idx_BTHK, router_weights(scores_BTHK, self.router)
 
 
@@ -164,8 +170,8 @@ class PEER(nnx.Module):
       raise ValueError(f"unknown PEER activation {activation!r}; expected {PEER_ACTIVATIONS}")
     self.retrieval = ProductKeyRetrieval(
         d_model, num_keys=num_experts, heads=heads, top_k=top_k, key_dim=query_dim,
-        query_norm=query_norm, per_head_keys=per_head_keys, router=router, rngs=rngs,
-        dtype=dtype)
+        query_norm=query_norm, per_head_keys=per_head_keys, router=router,
+        chunk_tokens=chunk_size, rngs=rngs, dtype=dtype)
     self.activation, self.glu, self.chunk_size, self.dtype = activation, glu, chunk_size, dtype
     names = ("experts", "expert_embed")
     shape = (num_experts, d_model)

@@ -122,7 +122,8 @@ class PKM(nnx.Module):
     value_dim = value_dim or d_model
     self.retrieval = ProductKeyRetrieval(
         d_model, num_keys=num_memories, heads=heads, top_k=top_k, key_dim=key_dim,
-        query_norm=query_norm, per_head_keys=True, router="softmax", rngs=rngs, dtype=dtype)
+        query_norm=query_norm, per_head_keys=True, router="softmax",
+        chunk_tokens=chunk_size, rngs=rngs, dtype=dtype)
     self.chunk_size, self.dtype = chunk_size, dtype
     self.values_NV = param(rngs, nnx.initializers.normal(stddev=math.sqrt(top_k / (2 * heads))),
                            (num_memories, value_dim), ("experts", "expert_embed"))

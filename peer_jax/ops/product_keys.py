@@ -19,6 +19,8 @@ query). Same values and gradients as autodiff of the dense form, at O(k·d) inst
 O(n·d) per query.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -91,24 +93,8 @@ def _check(c1, c2, k):
   return n
 
 
-def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False):
-  """Exact top-k over the n² product keys.
-
-  Args:
-    q1, q2: (..., d/2) query halves ((..., H, d/2) with per-head keys).
-    c1, c2: (n, d/2) sub-key sets, or (H, n, d/2) for per-head keys.
-    k: number of keys to return, 1 <= k <= n (static).
-    fast_cpu_topk: on CPU, select with the multi-threaded FFI kernel
-      (`peer_jax.ops.fast_topk`; same results as `lax.top_k`). Only for programs that
-      are not partitioned over several devices (the custom call has no sharding rule).
-
-  Returns:
-    scores: (..., k) in descending order.
-    indices: (..., k) int32, key (i, j) numbered i * n + j.
-  """
-  n = _check(c1, c2, k)
+def _topk_block(q1, q2, c1, c2, k, n, top_k):
   sg = lax.stop_gradient
-  top_k = fast_topk.top_k if fast_cpu_topk else lax.top_k
   s1, i1 = top_k(_half_scores(sg(q1), sg(c1)), k)  # (..., k) each
   s2, i2 = top_k(_half_scores(sg(q2), sg(c2)), k)
   # Same values; gradients only through the k selected sub-keys of each half.
@@ -121,6 +107,48 @@ def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False):
   rows = jnp.take_along_axis(i1, flat // k, axis=-1)
   cols = jnp.take_along_axis(i2, flat % k, axis=-1)
   return scores, (rows * n + cols).astype(jnp.int32)
+
+
+def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None):
+  """Exact top-k over the n² product keys.
+
+  Args:
+    q1, q2: (..., d/2) query halves ((..., H, d/2) with per-head keys).
+    c1, c2: (n, d/2) sub-key sets, or (H, n, d/2) for per-head keys.
+    k: number of keys to return, 1 <= k <= n (static).
+    fast_cpu_topk: on CPU, select with the multi-threaded FFI kernel
+      (`peer_jax.ops.fast_topk`; same results as `lax.top_k`). Only for programs that
+      are not partitioned over several devices (the custom call has no sharding rule).
+    chunk_size: if set, the queries (flattened over the leading axes, the per-head axis
+      kept) go through in chunks of this many rows (`lax.map`), so the dense
+      (rows, n) sub-key scores, the largest temporaries, exist for one chunk at a time
+      and peak memory does not grow with the number of tokens. Same results. Meant for
+      single-device programs: a sharded token axis would be regathered by the reshape.
+
+  Returns:
+    scores: (..., k) in descending order.
+    indices: (..., k) int32, key (i, j) numbered i * n + j.
+  """
+  n = _check(c1, c2, k)
+  top_k = fast_topk.top_k if fast_cpu_topk else lax.top_k
+  kept = 2 if c1.ndim == 3 else 1  # trailing query axes of one row: ([H,] d/2)
+  lead = q1.shape[:-kept]
+  num_rows = math.prod(lead)
+  if chunk_size is None or num_rows <= chunk_size:
+    return _topk_block(q1, q2, c1, c2, k, n, top_k)
+  chunk_size = int(chunk_size)
+  pad = -num_rows % chunk_size
+
+  def to_chunks(q):
+    q = q.reshape(num_rows, *q.shape[-kept:])
+    q = jnp.pad(q, [(0, pad)] + [(0, 0)] * kept)  # zero rows: sliced away, no gradient
+    return q.reshape(-1, chunk_size, *q.shape[1:])
+
+  scores, idx = lax.map(lambda qs: _topk_block(qs[0], qs[1], c1, c2, k, n, top_k),
+                        (to_chunks(q1), to_chunks(q2)))
+  out_shape = lead + scores.shape[2:]
+  unchunk = lambda a: a.reshape(-1, *a.shape[2:])[:num_rows].reshape(out_shape)
+  return unchunk(scores), unchunk(idx)
 
 
 def product_key_topk_reference(q1, q2, c1, c2, k):
