@@ -99,6 +99,10 @@ def main(argv=None):
       lambda x, w, u, v: peer_experts(x, idx, w, u, v), x, w, u, v)[1](dy))
   cases["ours: experts only"] = lambda: exp_only(dy, x, w, u, v)
   mem["ours: experts only"] = common.compiled_memory(exp_only, dy, x, w, u, v)
+  # bf16 tables, f32 compute and accumulation (the kernel upcasts gathered rows).
+  u16, v16 = u.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  cases["ours: experts only, bf16 tables"] = lambda: exp_only(dy, x, w, u16, v16)
+  mem["ours: experts only, bf16 tables"] = common.compiled_memory(exp_only, dy, x, w, u16, v16)
   q = (x @ w_q).reshape(T, H, Q)
   ds = arr((T, H, K), 1.0)
   for label, topk_fn in (("", fast_pk), (", XLA top-k", product_key_topk)):
