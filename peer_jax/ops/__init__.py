@@ -8,6 +8,7 @@ from peer_jax.ops.experts import (
     peer_experts_reference,
 )
 from peer_jax.ops.pallas_experts import peer_experts_pallas
+from peer_jax.ops.pallas_experts_gpu import peer_experts_pallas_gpu
 from peer_jax.ops.product_keys import product_key_topk, product_key_topk_reference
 
 __all__ = [
