@@ -1,13 +1,16 @@
-"""(e) The expert path, Pallas TPU kernels vs the chunked XLA `peer_experts`: fwd and fwd+bwd.
+"""(e) The expert path, Pallas kernels vs the chunked XLA `peer_experts`: fwd and fwd+bwd.
 
-    python -m benchmarks.bench_pallas                       # on a TPU: time both, interleaved
+    python -m benchmarks.bench_pallas                       # on a TPU or GPU: time both,
+                                                            # interleaved
     python -m benchmarks.bench_pallas --T 4096 --D 1024 --dtype bfloat16
     python -m benchmarks.bench_pallas --topology v5p-8      # no device: AOT compile for a
                                                             # TPU topology (libtpu venv)
 
-Timing mode runs on whatever device JAX has. The Pallas kernels are TPU (Mosaic) only: on
-GPU or CPU only `peer_experts` is timed (on CPU `--interpret` adds the Pallas kernels in
-interpret mode, for tiny shapes only). Besides time, each case reports the bytes the
+Timing mode runs on whatever device JAX has and times the Pallas kernels of that backend
+next to `peer_experts`: on TPU `peer_experts_pallas` (Mosaic, pallas_experts.py), on GPU
+`peer_experts_pallas_gpu` (Triton, pallas_experts_gpu.py). On CPU only `peer_experts` is
+timed; `--interpret` adds both Pallas versions in interpret mode (tiny shapes only).
+Besides time, each case reports the bytes the
 expert path must move at least (gathered table rows, token rows, the dense (N, D) table
 gradients) divided by the median time: the achieved HBM bandwidth, and its share of the
 device's peak (`--peak-gbps`, default from the device kind: H200 4800, H100 3350,
@@ -59,10 +62,14 @@ def _inputs(a, jnp, np, sharding=None):
   return [x, idx, w, u, v]
 
 
-def _fns(jax, jnp, pallas_kw):
-  from peer_jax.ops import peer_experts, peer_experts_pallas
-  impls = {"peer_experts (XLA, chunked)": peer_experts,
-           "peer_experts_pallas": lambda *a: peer_experts_pallas(*a, **pallas_kw)}
+def _fns(jax, jnp, pallas_kw, platform="tpu", interpret=False):
+  """fwd and fwd+bwd of `peer_experts` and of the Pallas kernels that run on `platform`."""
+  from peer_jax.ops import peer_experts, peer_experts_pallas, peer_experts_pallas_gpu
+  impls = {"peer_experts (XLA, chunked)": peer_experts}
+  if platform == "tpu" or interpret:
+    impls["peer_experts_pallas"] = lambda *a: peer_experts_pallas(*a, **pallas_kw)
+  if platform == "gpu" or interpret:
+    impls["peer_experts_pallas_gpu"] = lambda *a: peer_experts_pallas_gpu(*a, **pallas_kw)
   out = {}
   for name, fn in impls.items():
     def fwdbwd(x, idx, w, u, v, fn=fn):
@@ -110,12 +117,9 @@ def timed(a):
   from benchmarks import common
 
   dev = jax.devices()[0]
-  on_tpu = dev.platform == "tpu"
   peak = a.peak_gbps or _peak_gbps(dev)
   args = _inputs(a, jnp, np)
-  fns = _fns(jax, jnp, dict(interpret=a.interpret or None))
-  if not (on_tpu or a.interpret):
-    fns.pop("peer_experts_pallas")  # Mosaic TPU kernels: no GPU / CPU lowering
+  fns = _fns(jax, jnp, dict(interpret=a.interpret or None), dev.platform, a.interpret)
   m, tb = a.H * a.K, jnp.dtype(a.dtype).itemsize
   cases, extra = {}, {}
   for name, (fwd, fwdbwd) in fns.items():
@@ -140,9 +144,9 @@ def timed(a):
            f"{peak or '?'} GB/s", f"Command: `{common.command()}`",
            f"Configuration: T={a.T}, D={a.D}, h={a.H}, k={a.K}, N={a.N}, tables "
            f"{jnp.dtype(a.dtype).name}, x / w f32", "", common.table(rows, cols)]
-  if "peer_experts_pallas" not in fns:
-    lines.append(f"\n(peer_experts_pallas not timed: its kernels are TPU-only, this is "
-                 f"{dev.platform})")
+  if len(fns) == 1:
+    lines.append(f"\n(no Pallas kernels timed on {dev.platform}: `--interpret` runs them "
+                 f"in interpret mode)")
   common.report(lines, a.out)
 
 
