@@ -1,15 +1,21 @@
 """The commands in README.md and docs/*.md stay true.
 
-Fast (default): every fenced command is found and classified (run here, or skipped for a
-reason listed in SKIP below); every script it names exists and answers --help with exit 0,
+Commands are the lines of fenced shell blocks (and `python` lines of unlabelled ones), of
+indented code blocks that start with a program, and inline code `python scripts/...` or
+`python -m MODULE ...`.
+
+Fast (default): every command is found and classified (run here, or skipped for a reason:
+SKIP below, placeholders such as DIR, `...` or an unset $VAR, libtpu, a torch venv); every
+script it names exists and answers --help with exit 0,
 explaining each of its flags; every --config=FILE exists; every --config.KEY (in commands and
 in prose) is a key of that config file (configs/base.py when none is named).
 
 Slow (`pytest -m slow tests/test_docs_commands.py`): every runnable command is executed, in
 document order, on the bundled data, shortened by the REWRITES below (few steps, small
 batches), with its outputs (runs/, /tmp/, $HOME, tokenizers/) redirected into a temporary
-directory. A command shown in the docs with an `error: ...` line after it must fail with that
-line.
+directory; benchmarks (`python -m benchmarks.X`) run at tiny sizes with one repeat. A command
+shown in the docs with an `error: ...` line after it must fail with that line, and an
+`echo $?` after it must show its exit code.
 """
 
 import concurrent.futures
@@ -65,6 +71,7 @@ class Command:
   line: int
   text: str  # as written (continuations joined)
   expect_error: str = ""  # the `error: ...` line the docs show after it
+  output: str = ""  # the line after it when that is output (for `echo $?`: the exit code)
 
   @property
   def where(self):
@@ -74,12 +81,49 @@ class Command:
     return shlex.split(self.text, comments=True)
 
 
+# Inline code that is a command: `python scripts/...`, `python -m benchmarks.X ...`.
+INLINE_COMMAND = re.compile(r"`((?:python3?) (?:scripts/|-m )[^`]*)`")
+
+
+def _is_program(word: str) -> bool:
+  return (word in RUNNABLE or word in SKIP or re.match(r"^python3(\.\d+)?$", word) is not None
+          or os.path.basename(word) in ("pip", "python", "python3"))
+
+
+def _indented_block(lines: list[str], i: int) -> int:
+  """End of the indented (4-space) code block starting at line i, or i if there is none
+  there: it follows a blank line, is not the continuation of a list item, and its first line
+  starts with a program (indented prose, e.g. a list item's second paragraph, does not)."""
+  if not lines[i].startswith("    ") or (i > 0 and lines[i - 1].strip()):
+    return i
+  prev = next((l for l in reversed(lines[:i]) if l.strip()), "")
+  if re.match(r"^\s*([-*+]|\d+\.)\s", prev) or prev.startswith("    "):
+    return i
+  words = lines[i].split()
+  if not words or not _is_program(words[0]):
+    return i
+  j = i
+  while j < len(lines) and (lines[j].startswith("    ") or not lines[j].strip()):
+    j += 1
+  return j
+
+
 def _commands_of(path: str) -> list[Command]:
   lines = open(os.path.join(REPO, path)).read().split("\n")
   out, i = [], 0
   while i < len(lines):
     m = re.match(r"^\s*```\s*([\w-]*)", lines[i])
     if not m:
+      end = _indented_block(lines, i)
+      if end > i:  # an indented code block: a shell block
+        for k in range(i, end):
+          text = lines[k].strip()
+          if text and not text.startswith("#"):
+            out.append(Command(path, k + 1, text))
+        i = end
+        continue
+      for text in INLINE_COMMAND.findall(lines[i]):
+        out.append(Command(path, i + 1, text))
       i += 1
       continue
     lang, j = m.group(1).lower(), i + 1
@@ -103,7 +147,9 @@ def _commands_of(path: str) -> list[Command]:
         if not is_command or text.startswith("--") or not text.strip():
           continue  # output, prose, or a flag fragment (checked by the key tests)
         expect = block[k].strip() if k < len(block) and block[k].startswith("error:") else ""
-        out.append(Command(path, i + 2 + start, text, expect))
+        output = (block[k].strip() if is_prompt and k < len(block)
+                  and not block[k].strip().startswith("$ ") else "")
+        out.append(Command(path, i + 2 + start, text, expect, output))
     i = j + 1
   return out
 
@@ -114,9 +160,10 @@ def all_commands() -> list[Command]:
 
 def classify(cmd: Command) -> tuple[str, str]:
   """("run", "") or ("skip", reason) or ("unknown", program)."""
-  words = cmd.words()
+  words, set_here = cmd.words(), set()
   while words and re.match(r"^[A-Za-z_]\w*=", words[0]):
-    value = words.pop(0).split("=", 1)[1]
+    name, value = words.pop(0).split("=", 1)
+    set_here.add(name)
     if value.startswith("/") and not os.path.exists(value):
       return "skip", f"example path {value}"
   if not words:
@@ -124,6 +171,8 @@ def classify(cmd: Command) -> tuple[str, str]:
   prog = words[0]
   if prog in SKIP:
     return "skip", SKIP[prog]
+  if os.path.basename(prog) == "pip":
+    return "skip", "installs packages into another venv (no network here)"
   if re.match(r"^python3\.\d+$", prog):
     return "skip", "creates a venv with a specific Python"
   if prog not in RUNNABLE:
@@ -132,12 +181,26 @@ def classify(cmd: Command) -> tuple[str, str]:
     return "skip", "runs the test suite"
   if prog.startswith("python") and words[1:3] == ["-m", "venv"]:
     return "skip", "creates a venv"
+  if script_of(cmd) and words[2:] == ["--help"]:
+    return "run", ""
+  if "scripts/compile_tpu.py" in words[1:2] or (
+      words[1:3] == ["-m", "benchmarks.bench_pallas"]
+      and any(w.split("=")[0] == "--topology" for w in words)):
+    return "skip", "needs libtpu (kept out of the main venv; see docs/scaling.md)"
+  if any(w.startswith("--torch-python") for w in words):
+    return "skip", "needs a venv with torch and peer-pytorch (see docs/performance.md)"
   if "scripts/launch_tpu_pod.py" in words[1:2]:
     if "--dry_run" in words:
       return "run", ""  # prints the commands only; gs:// paths are just text then
     return "skip", "launches on a TPU VM (the dry run is tested in test_launch.py)"
   if any("gs://" in w for w in words):
     return "skip", "needs Google Cloud Storage"
+  if "..." in words or any(w.endswith("=...") for w in words):
+    return "skip", "placeholder ... for the reader's own values"
+  unset = [v for w in words for v in re.findall(r"\$\{?([A-Za-z_]\w*)", w)
+           if v not in ("HOME", "PATH", "PWD", "USER") and v not in set_here]
+  if unset:
+    return "skip", f"placeholder ${unset[0]} for the reader's value"
   marks = [w for w in words[1:] if not w.startswith("-c") and PLACEHOLDER.search(w)]
   if prog.startswith("python") and words[1:2] == ["-c"]:
     marks = []
@@ -327,6 +390,14 @@ REWRITES = {
         "--dry_run": lambda old: old,
     },
     "scripts/launch_tpu_pod.py": {"--dry_run": lambda old: old},
+    # benchmarks (run as `python -m benchmarks.X`): tiny sizes, one timed repeat
+    "benchmarks.bench_layer": {"--T": lambda old: "64", "--N": lambda old: "1024",
+                               "--repeats": lambda old: "1"},
+    "benchmarks.bench_optim": {"--N": lambda old: "1024", "--rows": lambda old: "256",
+                               "--repeats": lambda old: "1"},
+    "benchmarks.bench_train": {"--repeats": lambda old: "1"},
+    "benchmarks.bench_pallas": {"--T": lambda old: "64", "--N": lambda old: "1024",
+                                "--repeats": lambda old: "1"},
 }
 
 
@@ -357,7 +428,15 @@ def rewrite(cmd: Command, tmp: str):
   if words[0].startswith("python"):
     words[0] = sys.executable
   script = next((w for w in words[1:2] if w.startswith("scripts/")), "")
+  if words[1:2] == ["-m"] and len(words) > 2:
+    script = words[2]  # a module, e.g. benchmarks.bench_layer
   table = REWRITES.get(script, {})
+  # `--flag value` (argparse's other spelling) -> `--flag=value`, for the rewrites below
+  i = 1
+  while i < len(words) - 1:
+    if words[i] in table and words[i] != "--dry_run" and not words[i + 1].startswith("-"):
+      words[i:i + 2] = [f"{words[i]}={words[i + 1]}"]
+    i += 1
   flags_seen = {}
   for i, w in enumerate(words):
     flag = w.split("=", 1)[0]
@@ -400,9 +479,14 @@ def test_documented_commands_run(doc, docs_tmp):
   tmp = os.path.join(docs_tmp, re.sub(r"\W", "_", doc))
   for sub in ("runs", "tmp", "home", "tokenizers"):
     os.makedirs(os.path.join(tmp, sub), exist_ok=True)
-  failures = []
+  failures, last_rc = [], None
   for cmd in _runnable_by_file()[doc]:
     key = " ".join(cmd.words())
+    if cmd.text == "echo $?":  # the exit code the docs show for the command before it
+      if cmd.output and str(last_rc) != cmd.output:
+        failures.append(f"{cmd.where}: the previous command exited {last_rc}, the docs say "
+                        f"{cmd.output}")
+      continue
     if key in _PASSED and "--workdir=runs/" in key and "init_from" not in key:
       continue
     argv, env = rewrite(cmd, tmp)
@@ -410,7 +494,9 @@ def test_documented_commands_run(doc, docs_tmp):
       r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
       failures.append(f"{cmd.where}: timed out: {shlex.join(argv)}")
+      last_rc = None
       continue
+    last_rc = r.returncode
     if cmd.expect_error:
       want = cmd.expect_error.split(":", 3)[:3]
       if r.returncode == 0 or ":".join(want) not in r.stderr:
