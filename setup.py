@@ -15,8 +15,8 @@ setup(
     long_description=open(os.path.join(here, "README.md")).read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["peer_jax", "peer_jax.*", "configs", "scripts"]),
-    # The CPU top-k kernel's source: compiled at first use (peer_jax/ops/fast_topk.py).
-    package_data={"peer_jax.ops": ["*.cc"]},
+    # The CPU kernels' sources: compiled at first use (peer_jax/ops/cpu_kernels.py).
+    package_data={"peer_jax.ops": ["*.cc", "*.h"]},
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0"]},

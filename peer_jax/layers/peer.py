@@ -198,11 +198,11 @@ class PEER(nnx.Module):
           x_TD, idx_THK, w_THK, self.u_ND[...], self.v_ND[...], act, mesh=ctx.mesh,
           model_axes=ctx.axes("expert_embed"), token_axes=ctx.axes("batch"),
           g=self.g_ND[...] if self.glu else None, chunk_size=self.chunk_size)
-    elif self.glu:
+    elif self.glu:  # one device: the fused FFI kernels on CPU (f32), XLA elsewhere
       y_TD = peer_experts_glu(x_TD, idx_THK, w_THK, self.u_ND[...], self.g_ND[...],
-                              self.v_ND[...], act, chunk_size=self.chunk_size)
+                              self.v_ND[...], act, chunk_size=self.chunk_size, fast_cpu=True)
     else:
       y_TD = peer_experts(x_TD, idx_THK, w_THK, self.u_ND[...], self.v_ND[...], act,
-                          chunk_size=self.chunk_size)
+                          chunk_size=self.chunk_size, fast_cpu=True)
     aux = {"expert_indices": idx_BTHK, "expert_weights": w_BTHK}
     return y_TD.reshape(B, T, D).astype(self.dtype), aux

@@ -8,17 +8,16 @@
 //
 // Order: the same as lax.top_k, a total order on floats (-NaN < -inf < ... < -0 < +0 <
 // ... < inf < NaN, via an integer key) with ties broken by the lower index.
-// Built at first use by peer_jax/ops/fast_topk.py; the reference is lax.top_k.
+// Built at first use by peer_jax/ops/cpu_kernels.py; the reference is lax.top_k.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
-#include <thread>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -120,28 +119,6 @@ void TopKRow(const float* row, int64_t n, int64_t k, int64_t groups, Scratch& s,
   for (int64_t j = 0; j < k; ++j) out_values[j] = row[out_indices[j]];
 }
 
-struct Work {
-  const float* x;
-  float* values;
-  int32_t* indices;
-  int64_t n, k, rows, rows_per_block, num_blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> busy{0};
-
-  void Run() {
-    const int64_t groups = NumGroups(n, k);
-    Scratch scratch(n, groups, k);
-    for (;;) {
-      int64_t b = next.fetch_add(1);
-      if (b >= num_blocks) return;
-      int64_t end = std::min(rows, (b + 1) * rows_per_block);
-      for (int64_t r = b * rows_per_block; r < end; ++r) {
-        TopKRow(x + r * n, n, k, groups, scratch, values + r * k, indices + r * k);
-      }
-    }
-  }
-};
-
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> indices) {
   auto dims = x.dimensions();
@@ -150,34 +127,20 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto out_dims = values->dimensions();
   const int64_t k = out_dims.size() ? out_dims.back() : 0;
   if (k < 1 || k > n) return ffi::Error::InvalidArgument("top_k needs 1 <= k <= n");
-  const int64_t rows = n ? static_cast<int64_t>(x.element_count()) / n : 0;
-  if (rows == 0) return ffi::Error::Success();
-
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->values = values->typed_data();
-  work->indices = indices->typed_data();
-  work->n = n;
-  work->k = k;
-  work->rows = rows;
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
+  const float* x_data = x.typed_data();
+  float* v_data = values->typed_data();
+  int32_t* i_data = indices->typed_data();
+  const int64_t groups = NumGroups(n, k);
   // Blocks of ~64k elements: enough to amortise scheduling, enough blocks to balance.
-  work->rows_per_block = std::max<int64_t>(1, (1 << 16) / n);
-  work->num_blocks = (rows + work->rows_per_block - 1) / work->rows_per_block;
-
-  const int64_t helpers =
-      std::min<int64_t>(pool.num_threads(), work->num_blocks - 1);
-  for (int64_t t = 0; t < helpers; ++t) {
-    // A helper that starts after the rows ran out touches no buffer, so returning
-    // before it runs is safe; `busy` tracks only helpers inside the row loop.
-    pool.Schedule([work] {
-      work->busy.fetch_add(1);
-      work->Run();
-      work->busy.fetch_sub(1);
-    });
-  }
-  work->Run();
-  // Every block has been claimed; wait for helpers still finishing theirs.
-  while (work->busy.load() != 0) std::this_thread::yield();
+  const int64_t rows_per_block = std::max<int64_t>(1, (1 << 16) / n);
+  peer_jax::ParallelFor(pool, (rows + rows_per_block - 1) / rows_per_block, [&](int64_t b) {
+    Scratch scratch(n, groups, k);
+    const int64_t end = std::min(rows, (b + 1) * rows_per_block);
+    for (int64_t r = b * rows_per_block; r < end; ++r) {
+      TopKRow(x_data + r * n, n, k, groups, scratch, v_data + r * k, i_data + r * k);
+    }
+  });
   return ffi::Error::Success();
 }
 

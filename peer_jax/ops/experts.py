@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from peer_jax.ops import cpu_kernels
+
 # Tokens per chunk. Peak temporaries are ~4 (chunk, H·K, D) f32 buffers (two gathers,
 # two gradient-row blocks): at the paper's H·K = 128, D = 1024 that is 0.5 GiB at 256,
 # small next to the 8 GiB of f32 table gradients at N = 1024². On CPU, 256 / 512 / 1024
@@ -163,7 +165,7 @@ def _peer_bwd(activation, chunk_size, res, dy_TD):
 _peer.defvjp(_peer_fwd, _peer_bwd)
 
 
-def _call(x, indices, weights, ins, v, activation, chunk_size):
+def _call(x, indices, weights, ins, v, activation, chunk_size, fast_cpu=False):
   num_tokens, _ = x.shape
   if indices.shape != weights.shape or indices.shape[0] != num_tokens:
     raise ValueError(f"indices {indices.shape} / weights {weights.shape} must be (T, H, K), "
@@ -172,14 +174,22 @@ def _call(x, indices, weights, ins, v, activation, chunk_size):
   w_TM = weights.reshape(num_tokens, -1)
   # A chunk larger than T would only add padding work.
   chunk_size = max(1, min(int(chunk_size), num_tokens))
-  return _peer(activation, chunk_size, x, idx_TM, w_TM, tuple(ins), v)
+  xla_path = lambda *a: _peer(activation, chunk_size, *a)
+  arrays = (x, idx_TM, w_TM, tuple(ins), v)
+  if (fast_cpu and all(a.dtype == jnp.float32 for a in (x, w_TM, v, *ins))
+      and cpu_kernels.available()):
+    # The fused FFI kernels on CPU (same values up to summation order); XLA elsewhere.
+    from peer_jax.ops.cpu_experts import peer_experts_cpu
+    return lax.platform_dependent(
+        *arrays, cpu=lambda *a: peer_experts_cpu(activation, *a), default=xla_path)
+  return xla_path(*arrays)
 
 
 # ------------------------------------------------------------------------ public API
 
 
 def peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *,
-                 chunk_size=DEFAULT_CHUNK_SIZE):
+                 chunk_size=DEFAULT_CHUNK_SIZE, fast_cpu=False):
   """PEER expert mixture, chunked over tokens with a memory-lean custom VJP.
 
   Args:
@@ -192,21 +202,24 @@ def peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *,
     activation: elementwise function (static, not differentiated w.r.t. itself);
       pass the same function object across calls to avoid retracing.
     chunk_size: tokens per chunk (static); bounds temporary memory.
+    fast_cpu: on CPU with f32 inputs, use the fused multi-threaded FFI kernels
+      (`peer_jax.ops.cpu_experts`) instead; single-device programs only (the custom
+      calls have no partitioning rule).
 
   Returns:
     y: (T, D), y[t] = Σ_{h,k} w[t,h,k] · activation(u[i]·x[t]) · v[i], i = indices[t,h,k].
   """
-  return _call(x, indices, weights, (u,), v, activation, chunk_size)
+  return _call(x, indices, weights, (u,), v, activation, chunk_size, fast_cpu)
 
 
 def peer_experts_glu(x, indices, weights, u, g, v, activation=jax.nn.gelu, *,
-                     chunk_size=DEFAULT_CHUNK_SIZE):
+                     chunk_size=DEFAULT_CHUNK_SIZE, fast_cpu=False):
   """GLU variant: y[t] = Σ w · activation(g[i]·x[t]) · (u[i]·x[t]) · v[i].
 
   `g` (N, D) is the gate table, `u` the linear ("up") table. Same chunking as
   `peer_experts`; one extra gather and table gradient.
   """
-  return _call(x, indices, weights, (u, g), v, activation, chunk_size)
+  return _call(x, indices, weights, (u, g), v, activation, chunk_size, fast_cpu)
 
 
 def peer_experts_reference(x, indices, weights, u, v, activation=jax.nn.gelu):
