@@ -83,9 +83,11 @@ def main(argv=None):
 
   # ---- (a) + (b): everything interleaved in one round-robin.
   cases, mem = {}, {}
-  # Ours as the PEER layer runs on one CPU device: with the FFI top-k (peer_jax.ops.fast_topk).
+  # Ours as the PEER layer runs on one CPU device: the FFI top-k (peer_jax.ops.fast_topk)
+  # and the fused FFI expert kernels (peer_jax.ops.cpu_experts); "XLA" cases without them.
   fast_pk = functools.partial(product_key_topk, fast_cpu_topk=True)
-  ours = fwd_bwd(retrieval_and_experts(fast_pk, peer_experts, H, K, Q), None)
+  fast_experts = functools.partial(peer_experts, fast_cpu=True)
+  ours = fwd_bwd(retrieval_and_experts(fast_pk, fast_experts, H, K, Q), None)
   cases["ours: retrieval+experts"] = lambda: ours(dy, *args)
   mem["ours: retrieval+experts"] = common.compiled_memory(ours, dy, *args)
   if not a.skip_naive:
@@ -95,11 +97,12 @@ def main(argv=None):
     mem["naive: retrieval+experts"] = common.compiled_memory(naive, dy, *args)
   idx = jnp.asarray(rng.integers(0, N, (T, H, K)), jnp.int32)
   w = jax.nn.softmax(arr((T, H, K), 1.0), axis=-1)
-  exp_only = jax.jit(lambda dy, x, w, u, v: jax.vjp(
-      lambda x, w, u, v: peer_experts(x, idx, w, u, v), x, w, u, v)[1](dy))
-  cases["ours: experts only"] = lambda: exp_only(dy, x, w, u, v)
-  mem["ours: experts only"] = common.compiled_memory(exp_only, dy, x, w, u, v)
-  # bf16 tables, f32 compute and accumulation (the kernel upcasts gathered rows).
+  for label, fast in (("", True), (", XLA", False)):
+    exp_only = jax.jit(lambda dy, x, w, u, v, fast=fast: jax.vjp(
+        lambda x, w, u, v: peer_experts(x, idx, w, u, v, fast_cpu=fast), x, w, u, v)[1](dy))
+    cases[f"ours: experts only{label}"] = lambda exp_only=exp_only: exp_only(dy, x, w, u, v)
+    mem[f"ours: experts only{label}"] = common.compiled_memory(exp_only, dy, x, w, u, v)
+  # bf16 tables: the chunked XLA path (f32 compute and accumulation after the gather).
   u16, v16 = u.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
   cases["ours: experts only, bf16 tables"] = lambda: exp_only(dy, x, w, u16, v16)
   mem["ours: experts only, bf16 tables"] = common.compiled_memory(exp_only, dy, x, w, u16, v16)
