@@ -112,5 +112,7 @@ def report(lines: list[str], out_path: str | None) -> None:
   text = "\n".join(lines + [f"\nPeak RSS of this process: {peak_rss_mib():.0f} MiB"])
   print(text)
   if out_path:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
       f.write(text + "\n")
+    print(f"written to {out_path}")
