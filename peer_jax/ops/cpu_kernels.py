@@ -57,7 +57,7 @@ def _library_path() -> str:
   return os.path.join(_cache_dir(), f"peer_jax_cpu_{digest.hexdigest()[:16]}.so")
 
 
-def build(verbose: bool = False) -> str:
+def build() -> str:
   """Compiles the kernels into the cache if they are not there yet; returns the .so path."""
   path = _library_path()
   if os.path.exists(path):
@@ -67,6 +67,8 @@ def build(verbose: bool = False) -> str:
   # hosts' workers on one NFS home) never load a half-written library.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
+  print(f"peer_jax: compiling the CPU kernels into {path} (once per machine, ~10 s)",
+        file=sys.stderr, flush=True)
   cmd = [_compiler(), *_FLAGS, "-I", jax.ffi.include_dir(), "-I", _HERE,
          *(os.path.join(_HERE, name) for name in _SOURCES), "-o", tmp]
   try:
@@ -78,8 +80,6 @@ def build(verbose: bool = False) -> str:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  if verbose:
-    print(f"built {path}", file=sys.stderr)
   return path
 
 
