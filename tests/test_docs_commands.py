@@ -6,9 +6,9 @@ indented code blocks that start with a program, and inline code `python scripts/
 
 Fast (default): every command is found and classified (run here, or skipped for a reason:
 SKIP below, placeholders such as DIR, `...` or an unset $VAR, libtpu, a torch venv); every
-script it names exists and answers --help with exit 0,
-explaining each of its flags; every --config=FILE exists; every --config.KEY (in commands and
-in prose) is a key of that config file (configs/base.py when none is named).
+script it names exists and answers --help with exit 0, explaining each of its flags; every
+--config=FILE exists; every --config.KEY (in commands and in prose) is a key of that config
+file (configs/base.py when none is named).
 
 Slow (`pytest -m slow tests/test_docs_commands.py`): every runnable command is executed, in
 document order, on the bundled data, shortened by the REWRITES below (few steps, small
