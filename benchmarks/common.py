@@ -6,6 +6,7 @@ Reported: median, min and the interquartile range (spread) per case, in millisec
 """
 
 import os
+import shlex
 import platform
 import resource
 import statistics
@@ -104,7 +105,12 @@ def machine() -> str:
 
 
 def command() -> str:
-  return " ".join([os.path.basename(sys.executable)] + sys.argv)
+  """This run's command line as a user types it from the repo root (`python -m benchmarks.X`)."""
+  script, *args = sys.argv
+  module = os.path.splitext(os.path.basename(script))[0]
+  if os.path.basename(os.path.dirname(os.path.abspath(script))) == "benchmarks":
+    return " ".join(["python", "-m", f"benchmarks.{module}"] + [shlex.quote(a) for a in args])
+  return " ".join(["python", script] + [shlex.quote(a) for a in args])
 
 
 def report(lines: list[str], out_path: str | None) -> None:
