@@ -52,7 +52,7 @@ void Axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t d
 
 // Rows are ~1 KiB at random places in a table of GiBs: fetch the row `ahead` pairs in
 // advance so several rows are in flight (the hardware prefetcher only follows one row).
-constexpr int64_t kAhead = 4;
+constexpr int64_t kAhead = 8;
 
 inline void PrefetchRow(const float* row, int64_t d) {
   for (int64_t j = 0; j < d; j += 16) __builtin_prefetch(row + j);
