@@ -21,6 +21,18 @@ from peer_jax.flops import (PEAK_FLOPS, device_peak_flops, flops_per_token,
                             gathered_elements_per_token, measure_matmul_peak, mfu,
                             param_counts, peak_flops_for_kind)
 from peer_jax.model import Transformer
+from peer_jax.ops import cpu_kernels
+
+
+@pytest.fixture(autouse=True)
+def xla_paths_only(monkeypatch):
+  """XLA cannot see inside the CPU FFI kernels (its cost analysis counts a custom call as
+  0 FLOPs), so the comparisons with XLA's counts run the pure-XLA paths, as on TPU/GPU."""
+  monkeypatch.setenv("PEER_JAX_CPU_KERNELS", "0")
+  cpu_kernels.available.cache_clear()
+  yield
+  monkeypatch.undo()
+  cpu_kernels.available.cache_clear()
 
 TOL = 0.10
 B, T = 2, 64
