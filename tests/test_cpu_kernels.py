@@ -189,3 +189,17 @@ def test_fused_experts_fall_back_for_bf16_tables():
   f = jax.jit(lambda x, w, u, v: peer_experts(x, idx, w, u, v, fast_cpu=True))
   hlo = f.lower(x, w, u.astype(jnp.bfloat16), v.astype(jnp.bfloat16)).as_text()
   assert "peer_jax_gather_dot_f32" not in hlo
+
+
+def test_peer_and_pkm_layers_use_the_kernels_on_one_device():
+  from flax import nnx
+  from peer_jax.layers.peer import PEER
+  from peer_jax.layers.pkm import PKM
+  x = jnp.ones((2, 8, 32))
+  peer = PEER(32, num_experts=64, heads=2, top_k=4, query_dim=16, query_norm="none",
+              rngs=nnx.Rngs(0))
+  hlo = jax.jit(lambda x: peer(x)[0]).lower(x).as_text()
+  assert "peer_jax_topk_f32" in hlo and "peer_jax_gather_dot_f32" in hlo
+  pkm = PKM(32, num_memories=64, heads=2, top_k=4, key_dim=16, query_norm="none",
+            rngs=nnx.Rngs(0))
+  assert "peer_jax_topk_f32" in jax.jit(lambda x: pkm(x)[0]).lower(x).as_text()
