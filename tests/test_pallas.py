@@ -17,41 +17,21 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from tests.expert_cases import assert_close, expert_inputs
 from peer_jax.ops import peer_experts_pallas, peer_experts_reference
-
-
-def _inputs(seed, t, d, h, k, n, table_dtype=jnp.float32, dup=True):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
-  idx = rng.integers(0, n, size=(t, h, k))
-  if dup:
-    # Duplicates within a token (two slots of head 0 pick the same expert, and head 1
-    # repeats head 0's first), and across tokens (a hot expert chosen by every token).
-    idx[:, 0, 1] = idx[:, 0, 0]
-    idx[:, -1, 0] = idx[:, 0, 0]
-    idx[:, 0, -1] = 3
-  w = jnp.asarray(rng.normal(size=(t, h, k)), jnp.float32)
-  u = jnp.asarray(rng.normal(size=(n, d)) / np.sqrt(d), table_dtype)
-  v = jnp.asarray(rng.normal(size=(n, d)), table_dtype)
-  return x, jnp.asarray(idx, jnp.int32), w, u, v
-
-
-def _close(got, want, rtol=1e-4, atol=1e-4):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * max(1.0, np.abs(want).max()))
 
 
 def test_forward_matches_reference():
   # T = 20 is not a multiple of the 8-token block; N = 64 with 8 slots per token repeats
   # experts within and across tokens.
-  x, idx, w, u, v = _inputs(0, 20, 32, 2, 4, 64)
+  x, idx, w, u, v = expert_inputs(0, 20, 32, 2, 4, 64)
   y = peer_experts_pallas(x, idx, w, u, v, block_tokens=8)
   assert y.shape == x.shape and y.dtype == jnp.float32
-  _close(y, peer_experts_reference(x, idx, w, u, v))
+  assert_close(y, peer_experts_reference(x, idx, w, u, v))
 
 
 def test_argument_checks():
-  x, idx, w, u, v = _inputs(0, 8, 32, 1, 8, 16)
+  x, idx, w, u, v = expert_inputs(0, 8, 32, 1, 8, 16)
   with pytest.raises(ValueError, match="must be"):
     peer_experts_pallas(x, idx, w[:, :, :4], u, v)
   with pytest.raises(ValueError, match="D % 128"):
@@ -75,7 +55,7 @@ _CASES = [
                          f"{jnp.dtype(c[5]).name}-{c[9].__name__}")
 def test_values_and_gradients_match_reference(case):
   t, d, h, k, n, dt, bt, br, chunk, act = case
-  x, idx, w, u, v = _inputs(1, t, d, h, k, n, dt)
+  x, idx, w, u, v = expert_inputs(1, t, d, h, k, n, dt)
   u32, v32 = u.astype(jnp.float32), v.astype(jnp.float32)
   ct = jnp.asarray(np.random.default_rng(2).normal(size=(t, d)), jnp.float32)
 
@@ -86,15 +66,15 @@ def test_values_and_gradients_match_reference(case):
   y, grads = jax.jit(jax.value_and_grad(loss(pallas), argnums=(0, 1, 2, 3)))(x, w, u, v)
   y_ref, grads_ref = jax.value_and_grad(loss(peer_experts_reference), argnums=(0, 1, 2, 3))(
       x, w, u32, v32)
-  _close(y, y_ref)
+  assert_close(y, y_ref)
   for name, g, g_ref in zip("x w u v".split(), grads, grads_ref):
     assert g.shape == g_ref.shape, name
     if name in "uv":
       assert g.dtype == dt, name
       if dt == jnp.bfloat16:
-        _close(g, g_ref, rtol=1e-2, atol=1e-2)
+        assert_close(g, g_ref, rtol=1e-2, atol=1e-2)
         continue
-    _close(g, g_ref)
+    assert_close(g, g_ref)
   # Rows no token chose get exactly zero gradient.
   untouched = np.setdiff1d(np.arange(n), np.asarray(idx).ravel())
   assert not np.any(np.asarray(grads[2], np.float32)[untouched])

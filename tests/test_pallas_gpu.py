@@ -21,43 +21,23 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from tests.expert_cases import assert_close, expert_inputs
 from peer_jax.ops import peer_experts_pallas_gpu, peer_experts_reference
-
-
-def _inputs(seed, t, d, h, k, n, table_dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
-  idx = rng.integers(0, n, size=(t, h, k))
-  # Duplicates within a token (two slots of head 0 pick the same expert, the last head
-  # repeats head 0's first), and across tokens (expert 3 chosen by every token, a segment
-  # longer than one chunk of sorted pairs).
-  idx[:, 0, 1] = idx[:, 0, 0]
-  idx[:, -1, 0] = idx[:, 0, 0]
-  idx[:, 0, -1] = 3
-  w = jnp.asarray(rng.normal(size=(t, h, k)), jnp.float32)
-  u = jnp.asarray(rng.normal(size=(n, d)) / np.sqrt(d), table_dtype)
-  v = jnp.asarray(rng.normal(size=(n, d)), table_dtype)
-  return x, jnp.asarray(idx, jnp.int32), w, u, v
-
-
-def _close(got, want, rtol=1e-4, atol=1e-4):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * max(1.0, np.abs(want).max()))
 
 
 def test_forward_matches_reference():
   # T = 20 is not a multiple of the 8-token block; N = 64 with 8 slots per token repeats
   # experts within and across tokens; D = 64 in two column blocks of 32.
-  x, idx, w, u, v = _inputs(0, 20, 64, 2, 4, 64)
+  x, idx, w, u, v = expert_inputs(0, 20, 64, 2, 4, 64)
   fn = jax.jit(lambda *a: peer_experts_pallas_gpu(*a, block_tokens=8, block_pairs=16,
                                                    block_d=32))
   y = fn(x, idx, w, u, v)
   assert y.shape == x.shape and y.dtype == jnp.float32
-  _close(y, peer_experts_reference(x, idx, w, u, v))
+  assert_close(y, peer_experts_reference(x, idx, w, u, v))
 
 
 def test_argument_checks():
-  x, idx, w, u, v = _inputs(0, 8, 40, 1, 8, 16)
+  x, idx, w, u, v = expert_inputs(0, 8, 40, 1, 8, 16)
   with pytest.raises(ValueError, match="must be"):
     peer_experts_pallas_gpu(x, idx, w[:, :, :4], u, v)
   with pytest.raises(ValueError, match="powers of 2"):
@@ -111,7 +91,7 @@ _CASES = [
                          f"N{c[4]}-{jnp.dtype(c[5]).name}-{c[11].__name__}")
 def test_values_and_gradients_match_reference(case):
   t, d, h, k, n, dt, bt, bp, br, bd, chunk, act = case
-  x, idx, w, u, v = _inputs(1, t, d, h, k, n, dt)
+  x, idx, w, u, v = expert_inputs(1, t, d, h, k, n, dt)
   u32, v32 = u.astype(jnp.float32), v.astype(jnp.float32)
   ct = jnp.asarray(np.random.default_rng(2).normal(size=(t, d)), jnp.float32)
 
@@ -123,15 +103,15 @@ def test_values_and_gradients_match_reference(case):
   y, grads = jax.jit(jax.value_and_grad(loss(gpu), argnums=(0, 1, 2, 3)))(x, w, u, v)
   y_ref, grads_ref = jax.value_and_grad(loss(peer_experts_reference), argnums=(0, 1, 2, 3))(
       x, w, u32, v32)
-  _close(y, y_ref)
+  assert_close(y, y_ref)
   for name, g, g_ref in zip("x w u v".split(), grads, grads_ref):
     assert g.shape == g_ref.shape, name
     if name in "uv":
       assert g.dtype == dt, name
       if dt == jnp.bfloat16:
-        _close(g, g_ref, rtol=1e-2, atol=1e-2)
+        assert_close(g, g_ref, rtol=1e-2, atol=1e-2)
         continue
-    _close(g, g_ref)
+    assert_close(g, g_ref)
   # Rows no token chose get exactly zero gradient.
   untouched = np.setdiff1d(np.arange(n), np.asarray(idx).ravel())
   assert not np.any(np.asarray(grads[2], np.float32)[untouched])
