@@ -164,23 +164,21 @@ ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx,
   return ffi::Error::Success();
 }
 
+// Both gathers: (table f32 (N, D), idx s32 (T, M), per-token f32 operand) -> f32.
+auto GatherBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGatherDotF32, GatherDotImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGatherDotF32, GatherDotImpl, GatherBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGatherWsumF32, GatherWsumImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxGatherWsumF32, GatherWsumImpl, GatherBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PeerJaxScatterOuterF32, ScatterOuterImpl,
                               ffi::Ffi::Bind()
