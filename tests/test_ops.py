@@ -290,3 +290,12 @@ def test_peer_experts_temp_memory_flat_in_tokens():
   # The naive gather grows ~linearly in T (8x tokens); shows this check can fail.
   assert ref[8192] >= 4 * ref[1024], ref
   assert ref[8192] >= 10 * fast[8192], (ref, fast)
+
+
+def test_peer_experts_rejects_bad_shapes():
+  x, idx, w = jnp.ones((4, 8)), jnp.zeros((4, 2, 3), jnp.int32), jnp.ones((4, 2, 3))
+  u = jnp.ones((16, 8))
+  with pytest.raises(ValueError, match="must be \\(T, H, K\\)"):
+    peer_experts(x, idx, w[:3], u, u)
+  with pytest.raises(ValueError, match="tables .* must all be \\(N, 8\\)"):
+    peer_experts(x, idx, w, u, jnp.ones((16, 4)))

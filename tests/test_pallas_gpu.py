@@ -21,7 +21,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tests.expert_cases import assert_close, expert_inputs
+from tests.expert_cases import assert_close, check_values_and_gradients, expert_inputs
 from peer_jax.ops import peer_experts_pallas_gpu, peer_experts_reference
 
 
@@ -91,28 +91,6 @@ _CASES = [
                          f"N{c[4]}-{jnp.dtype(c[5]).name}-{c[11].__name__}")
 def test_values_and_gradients_match_reference(case):
   t, d, h, k, n, dt, bt, bp, br, bd, chunk, act = case
-  x, idx, w, u, v = expert_inputs(1, t, d, h, k, n, dt)
-  u32, v32 = u.astype(jnp.float32), v.astype(jnp.float32)
-  ct = jnp.asarray(np.random.default_rng(2).normal(size=(t, d)), jnp.float32)
-
-  def loss(fn):
-    return lambda x, w, u, v: jnp.sum(ct * fn(x, idx, w, u, v, act).astype(jnp.float32))
-
   gpu = lambda *a: peer_experts_pallas_gpu(*a, block_tokens=bt, block_pairs=bp,
                                            block_rows=br, block_d=bd, chunk_pairs=chunk)
-  y, grads = jax.jit(jax.value_and_grad(loss(gpu), argnums=(0, 1, 2, 3)))(x, w, u, v)
-  y_ref, grads_ref = jax.value_and_grad(loss(peer_experts_reference), argnums=(0, 1, 2, 3))(
-      x, w, u32, v32)
-  assert_close(y, y_ref)
-  for name, g, g_ref in zip("x w u v".split(), grads, grads_ref):
-    assert g.shape == g_ref.shape, name
-    if name in "uv":
-      assert g.dtype == dt, name
-      if dt == jnp.bfloat16:
-        assert_close(g, g_ref, rtol=1e-2, atol=1e-2)
-        continue
-    assert_close(g, g_ref)
-  # Rows no token chose get exactly zero gradient.
-  untouched = np.setdiff1d(np.arange(n), np.asarray(idx).ravel())
-  assert not np.any(np.asarray(grads[2], np.float32)[untouched])
-  assert not np.any(np.asarray(grads[3], np.float32)[untouched])
+  check_values_and_gradients(gpu, expert_inputs(1, t, d, h, k, n, dt), dt, act)

@@ -165,11 +165,21 @@ def _peer_bwd(activation, chunk_size, res, dy_TD):
 _peer.defvjp(_peer_fwd, _peer_bwd)
 
 
-def _call(x, indices, weights, ins, v, activation, chunk_size, fast_cpu=False):
-  num_tokens, _ = x.shape
+def check_expert_args(x, indices, weights, *tables):
+  """The shapes every expert-path implementation needs: x (T, D), indices and weights
+  (T, H, K), tables (N, D) of one shape. Raises ValueError naming what is wrong."""
+  num_tokens, d = x.shape
   if indices.shape != weights.shape or indices.shape[0] != num_tokens:
     raise ValueError(f"indices {indices.shape} / weights {weights.shape} must be (T, H, K), "
                      f"T = {num_tokens}")
+  shapes = [t.shape for t in tables]
+  if any(s != shapes[0] or len(s) != 2 or s[1] != d for s in shapes):
+    raise ValueError(f"tables {shapes} must all be (N, {d})")
+
+
+def _call(x, indices, weights, ins, v, activation, chunk_size, fast_cpu=False):
+  check_expert_args(x, indices, weights, *ins, v)
+  num_tokens = x.shape[0]
   idx_TM = indices.reshape(num_tokens, -1).astype(jnp.int32)
   w_TM = weights.reshape(num_tokens, -1)
   # A chunk larger than T would only add padding work.

@@ -44,6 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from peer_jax.ops.experts import check_expert_args
+
 DEFAULT_BLOCK_TOKENS = 64   # tokens per forward / token-backward grid step
 DEFAULT_BLOCK_ROWS = 256    # table rows per row-backward grid step
 DEFAULT_RING = 4            # tokens whose rows are in flight (forward, token backward)
@@ -451,11 +453,7 @@ def peer_experts_pallas(x, indices, weights, u, v, activation=jax.nn.gelu, *, in
     chunk_pairs: sorted pairs per chunk in the row-backward kernel.
   """
   t, d = x.shape
-  if indices.shape != weights.shape or indices.shape[0] != t:
-    raise ValueError(f"indices {indices.shape} / weights {weights.shape} must be (T, H, K), "
-                     f"T = {t}")
-  if u.shape != v.shape or u.shape[1] != d:
-    raise ValueError(f"u {u.shape} and v {v.shape} must both be (N, {d})")
+  check_expert_args(x, indices, weights, u, v)
   interpret = _interpret(interpret)
   m = indices[0].size
   if not interpret and (d % 128 or m % 8):

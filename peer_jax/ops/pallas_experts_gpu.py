@@ -50,6 +50,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from peer_jax.ops.experts import check_expert_args
+
 # Untuned first guesses (no GPU was available when this was written): small register
 # tiles, (32..16, 128) f32, and many programs in flight to hide the gather latency.
 DEFAULT_BLOCK_TOKENS = 16   # tokens per program, weighted-row-sum kernel
@@ -293,11 +295,7 @@ def peer_experts_pallas_gpu(x, indices, weights, u, v, activation=jax.nn.gelu, *
     num_warps: Triton warps per program.
   """
   t, d = x.shape
-  if indices.shape != weights.shape or indices.shape[0] != t:
-    raise ValueError(f"indices {indices.shape} / weights {weights.shape} must be (T, H, K), "
-                     f"T = {t}")
-  if u.shape != v.shape or u.shape[1] != d:
-    raise ValueError(f"u {u.shape} and v {v.shape} must both be (N, {d})")
+  check_expert_args(x, indices, weights, u, v)
   blocks = (block_tokens, block_pairs, block_rows, block_d, chunk_pairs)
   if not all(_pow2(b) for b in blocks):
     raise ValueError(f"block sizes must be powers of 2, got {blocks}")
