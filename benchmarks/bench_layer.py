@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp

@@ -64,7 +64,9 @@ def _inputs(a, jnp, np, sharding=None):
 
 def _fns(jax, jnp, pallas_kw, platform="tpu", interpret=False):
   """fwd and fwd+bwd of `peer_experts` and of the Pallas kernels that run on `platform`."""
-  from peer_jax.ops import peer_experts, peer_experts_pallas, peer_experts_pallas_gpu
+  from peer_jax.ops import peer_experts
+  from peer_jax.ops.pallas_experts import peer_experts_pallas
+  from peer_jax.ops.pallas_experts_gpu import peer_experts_pallas_gpu
   impls = {"peer_experts (XLA, chunked)": peer_experts}
   if platform == "tpu" or interpret:
     impls["peer_experts_pallas"] = lambda *a: peer_experts_pallas(*a, **pallas_kw)

@@ -15,9 +15,7 @@ outside the model.
 
 import argparse
 import importlib
-import os
 import tempfile
-import time
 
 import io
 

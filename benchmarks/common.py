@@ -10,7 +10,6 @@ import shlex
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable

@@ -30,7 +30,7 @@ from peer_jax import flops, optim, sharding
 from peer_jax.checkpoint import (Checkpointer, config_changes, is_frozen, restore_params)
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.data import Tokenizer, global_batch, make_train_iterator
-from peer_jax.metrics import MetricWriter, Progress, format_duration
+from peer_jax.metrics import MetricWriter, Progress
 from peer_jax.model import Transformer
 
 

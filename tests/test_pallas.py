@@ -11,14 +11,14 @@ few dozen terms: rtol = atol = 1e-4 (observed ~1e-6 relative). Table gradients o
 tables come back in bf16: rtol 1e-2 / atol 1e-2 · max|g|.
 """
 
-import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
 from tests.expert_cases import assert_close, check_values_and_gradients, expert_inputs
-from peer_jax.ops import peer_experts_pallas, peer_experts_reference
+from peer_jax.ops import peer_experts_reference
+from peer_jax.ops.pallas_experts import peer_experts_pallas
 
 
 def test_forward_matches_reference():

@@ -15,14 +15,14 @@ of bf16 tables come back in bf16: rtol 1e-2 / atol 1e-2 · max |ref|.
 
 import re
 
-import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
 from tests.expert_cases import assert_close, check_values_and_gradients, expert_inputs
-from peer_jax.ops import peer_experts_pallas_gpu, peer_experts_reference
+from peer_jax.ops import peer_experts_reference
+from peer_jax.ops.pallas_experts_gpu import peer_experts_pallas_gpu
 
 
 def test_forward_matches_reference():

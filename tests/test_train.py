@@ -103,7 +103,6 @@ def test_expert_models_learn_on_wikitext(tmp_path, ffw):
 @pytest.mark.slow
 def test_one_million_experts_fit_in_12_gib(tmp_path, repo):
   """configs/peer_1m.py (a 1024² PEER layer at d_model 256) trains at batch 4x512 in < 12 GiB."""
-  import resource
   import subprocess
   import sys
   result = subprocess.run(

@@ -1,4 +1,7 @@
-"""Pure-JAX PEER kernels and their naive references (no Flax, configs or meshes)."""
+"""PEER kernels and their naive references (no Flax, configs or meshes).
+
+The Pallas versions are imported from their modules (`peer_jax.ops.pallas_experts`,
+`peer_jax.ops.pallas_experts_gpu`), so that training does not load Pallas."""
 
 from peer_jax.ops.experts import (
     DEFAULT_CHUNK_SIZE,
@@ -7,8 +10,6 @@ from peer_jax.ops.experts import (
     peer_experts_glu_reference,
     peer_experts_reference,
 )
-from peer_jax.ops.pallas_experts import peer_experts_pallas
-from peer_jax.ops.pallas_experts_gpu import peer_experts_pallas_gpu
 from peer_jax.ops.product_keys import product_key_topk, product_key_topk_reference
 
 __all__ = [
