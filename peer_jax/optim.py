@@ -181,3 +181,42 @@ def max_table_rows(model_cfg, tokens_per_step: int) -> int:
   """Upper bound on distinct table rows touched by one optimizer step (per table)."""
   p = model_cfg.peer
   return int(min(p.num_experts, tokens_per_step * p.heads * p.top_k))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(tcfg) -> optax.Schedule:
+  """Linear warmup to train.learning_rate, then cosine decay to min_lr_ratio of it."""
+  peak = tcfg.learning_rate
+  # A short run (e.g. --config.train.steps=10 on a config made for 1000) warms up for all of it.
+  warmup_steps = min(tcfg.warmup_steps, tcfg.steps)
+  decay_steps = max(tcfg.steps - warmup_steps, 1)
+  cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=tcfg.min_lr_ratio)
+  if warmup_steps == 0:
+    return cosine
+  # Step s < warmup gets peak·(s+1)/warmup: the first step already moves, the last reaches peak.
+  warmup = optax.linear_schedule(peak / warmup_steps, peak, max(warmup_steps - 1, 1))
+  return optax.join_schedules([warmup, cosine], [warmup_steps])
+
+
+def make_optimizer(tcfg, model_cfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (clipped) for everything; PEER expert tables optionally get their own optimizer
+  and learning-rate scale (`train.table_*`, see docs/performance.md)."""
+  schedule = learning_rate_schedule(tcfg)
+  # Norm scales and other vectors are not decayed: shrinking them only fights the norm.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
+                   weight_decay=tcfg.weight_decay, mask=decay_mask)
+  if model_cfg is not None and model_cfg.ffw == "peer" and (
+      tcfg.table_optimizer != "adamw" or tcfg.table_lr_scale != 1.0
+      or tcfg.table_weight_decay >= 0):
+    wd = tcfg.weight_decay if tcfg.table_weight_decay < 0 else tcfg.table_weight_decay
+    tx = table_aware_optimizer(
+        tx, table_kind=tcfg.table_optimizer,
+        table_learning_rate=lambda step: schedule(step) * tcfg.table_lr_scale,
+        b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=wd,
+        max_rows=max_table_rows(model_cfg, tcfg.batch_size * tcfg.seq_len))
+  if tcfg.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), tx)
+  return tx, schedule

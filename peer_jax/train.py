@@ -26,12 +26,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import evaluate as evaluation
-from peer_jax import flops, optim, sharding
+from peer_jax import flops, sharding
 from peer_jax.checkpoint import (Checkpointer, config_changes, is_frozen, restore_params)
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.data import Tokenizer, global_batch, make_train_iterator
 from peer_jax.metrics import MetricWriter, Progress
 from peer_jax.model import Transformer
+from peer_jax.optim import learning_rate_schedule, make_optimizer  # noqa: F401 (re-exported)
 
 
 @flax.struct.dataclass
@@ -44,45 +45,6 @@ class TrainState:
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or Inf."""
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-
-def learning_rate_schedule(tcfg) -> optax.Schedule:
-  """Linear warmup to train.learning_rate, then cosine decay to min_lr_ratio of it."""
-  peak = tcfg.learning_rate
-  # A short run (e.g. --config.train.steps=10 on a config made for 1000) warms up for all of it.
-  warmup_steps = min(tcfg.warmup_steps, tcfg.steps)
-  decay_steps = max(tcfg.steps - warmup_steps, 1)
-  cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=tcfg.min_lr_ratio)
-  if warmup_steps == 0:
-    return cosine
-  # Step s < warmup gets peak·(s+1)/warmup: the first step already moves, the last reaches peak.
-  warmup = optax.linear_schedule(peak / warmup_steps, peak, max(warmup_steps - 1, 1))
-  return optax.join_schedules([warmup, cosine], [warmup_steps])
-
-
-def make_optimizer(tcfg, model_cfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (clipped) for everything; PEER expert tables optionally get their own optimizer
-  and learning-rate scale (`train.table_*`, see docs/performance.md)."""
-  schedule = learning_rate_schedule(tcfg)
-  # Norm scales and other vectors are not decayed: shrinking them only fights the norm.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                   weight_decay=tcfg.weight_decay, mask=decay_mask)
-  if model_cfg is not None and model_cfg.ffw == "peer" and (
-      tcfg.table_optimizer != "adamw" or tcfg.table_lr_scale != 1.0
-      or tcfg.table_weight_decay >= 0):
-    wd = tcfg.weight_decay if tcfg.table_weight_decay < 0 else tcfg.table_weight_decay
-    tx = optim.table_aware_optimizer(
-        tx, table_kind=tcfg.table_optimizer,
-        table_learning_rate=lambda step: schedule(step) * tcfg.table_lr_scale,
-        b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=wd,
-        max_rows=optim.max_table_rows(model_cfg, tcfg.batch_size * tcfg.seq_len))
-  if tcfg.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), tx)
-  return tx, schedule
 
 
 # ----------------------------------------------------------------------------- state
