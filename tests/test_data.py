@@ -2,6 +2,7 @@
 bad input, tokenizer training, ArrayRecord (TFDS) round trip, evaluation batches."""
 
 import gzip
+import itertools
 import json
 import os
 
@@ -42,6 +43,11 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
+def _first(dataset, n):
+  """The first n elements of a grain dataset."""
+  return list(itertools.islice(iter(dataset), n))
+
+
 def _assert_same(batches_a, batches_b):
   assert len(batches_a) == len(batches_b)
   for a, b in zip(batches_a, batches_b):
@@ -71,7 +77,7 @@ def test_exact_resume_across_epochs(tiny, tok, num_threads, prefetch):
     next(it)
     states.append(json.loads(json.dumps(it.get_state())))
   # Resume from every position: some states carry a partly packed document, some do not.
-  assert len({json.dumps(st["grain"].get("remainder_slices")) for st in states}) > 2
+  assert len({json.dumps(st["lanes"]["0"].get("remainder_slices")) for st in states}) > 2
   for n in range(0, 41, 1 if prefetch else 4):
     resumed = P.make_train_iterator(cfg, tok, **kw)
     resumed.set_state(states[n])
@@ -82,12 +88,12 @@ def test_exact_resume_across_epochs(tiny, tok, num_threads, prefetch):
 
 def test_each_epoch_is_a_new_permutation(tiny, tok):
   opened = P.open_sources(tiny)
-  docs = P.document_dataset(opened, seed=0, shuffle=True, shard_index=0, shard_count=1)
-  epoch1, epoch2 = [docs[i] for i in range(40)], [docs[i] for i in range(40, 80)]
+  docs = _first(P.document_dataset(opened, seed=0, shuffle=True, shard_index=0, shard_count=1), 80)
+  epoch1, epoch2 = docs[:40], docs[40:]
   assert sorted(epoch1) == sorted(epoch2) == sorted(opened[0].docs)
   assert epoch1 != epoch2 and epoch1 != opened[0].docs
   other_seed = P.document_dataset(opened, seed=1, shuffle=True, shard_index=0, shard_count=1)
-  assert [other_seed[i] for i in range(40)] != epoch1
+  assert _first(other_seed, 40) != epoch1
 
 
 def test_set_state_from_another_pipeline_is_refused(tiny, tok):
@@ -104,18 +110,18 @@ def test_set_state_from_another_pipeline_is_refused(tiny, tok):
 
 
 def test_stream_is_the_documents_concatenated(tok):
-  """Rows of consecutive batches, end to end, are exactly the tokenized shuffled documents."""
+  """Row r of consecutive batches, end to end, is exactly lane r's tokenized documents."""
   cfg = _cfg(WIKI_VALID)
   it = P.make_train_iterator(cfg, tok, batch_size=4, seq_len=64, seed=5, shard_count=1)
   batches = _take(it, 60)
-  stream = np.concatenate([_row_tokens(b).reshape(-1) for b in batches])
-  docs = P.document_dataset(P.open_sources(WIKI_VALID), seed=5, shuffle=True, shard_index=0,
-                            shard_count=1)
-  expected, i = [], 0
-  while sum(map(len, expected)) < len(stream):
-    expected.append(tok.encode(docs[i]))
-    i += 1
-  np.testing.assert_array_equal(stream, np.concatenate(expected)[:len(stream)])
+  opened = P.open_sources(WIKI_VALID)
+  for lane in range(4):
+    stream = np.concatenate([_row_tokens(b)[lane] for b in batches])
+    docs = iter(P.document_dataset(opened, seed=5, shuffle=True, shard_index=lane, shard_count=4))
+    expected = []
+    while sum(map(len, expected)) < len(stream):
+      expected.append(tok.encode(next(docs)))
+    np.testing.assert_array_equal(stream, np.concatenate(expected)[:len(stream)])
   for b in batches:
     # segment ids restart per row and mark document pieces; positions restart per piece
     seg, pos, mask = b["segment_ids"], b["positions"], b["mask"]
@@ -203,7 +209,7 @@ def test_mixture_weights_are_respected(tmp_path, tok):
   spec = f"a={tmp_path}/a.txt@0.7,b={tmp_path}/b.jsonl@0.3"
   docs = P.document_dataset(P.open_sources(spec), seed=0, shuffle=True, shard_index=0,
                             shard_count=1)
-  first = [docs[i] for i in range(2000)]  # source a repeats 28 times, b about 1.2 times
+  first = _first(docs, 2000)  # source a repeats 28 times, b about 1.2 times
   frac_a = np.mean([d.startswith("alpha") for d in first])
   assert abs(frac_a - 0.7) < 0.02, frac_a
   # and the mixed stream trains: batches come out with both sources' tokens
@@ -253,7 +259,7 @@ def test_missing_sources_and_bad_tokenizer(tmp_path, tok):
   for spec, match in [(f"{tmp_path}/nope.txt", "file not found: .*nope.txt"),
                       (f"{tmp_path}/*.jsonl", "no file matches"),
                       (f"ok={WIKI_VALID},gone={tmp_path}/gone.txt@2", "file not found: .*gone.txt"),
-                      (str(tmp_path), "not a prepared dataset directory"),
+                      (str(tmp_path), "no shard files in this directory"),
                       ("tfds:no_such_dataset_xyz", "tfds dataset 'no_such_dataset_xyz' not found")]:
     with pytest.raises(DataError, match=match):
       P.make_train_iterator(_cfg(spec, tfds_data_dir=str(tmp_path)), tok, batch_size=2,

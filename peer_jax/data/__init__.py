@@ -2,6 +2,6 @@
 
 from peer_jax.data.pipeline import (DataIterator, EvalIterator, TextDataIterator, eval_sources,
                                     global_batch, make_eval_iterator, make_train_iterator,
-                                    to_model_batch)
+                                    merge_process_states, to_model_batch)
 from peer_jax.data.sources import DataError, parse_sources
 from peer_jax.data.tokenizer import Tokenizer

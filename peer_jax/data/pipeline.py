@@ -1,15 +1,29 @@
-"""grain pipeline: shard, shuffle and mix documents, tokenize, pack into rows, batch.
+"""grain pipeline: documents -> lanes -> tokens -> packed rows -> batches.
 
-Training (`make_train_iterator`): every source is sharded by document
-(`source[shard_index::shard_count]`, one shard per JAX process), shuffled globally with a
-seed (a new permutation each epoch) and repeated; sources are mixed by weight
-(`grain.MapDataset.mix`, weights are fractions of *documents*). Documents are tokenized in
-`data.num_threads` threads and packed by `ConcatThenSplitIterDataset`: documents are
-concatenated and split every `seq_len + 1` tokens, the remainder carried into the next row,
-so no token is dropped or repeated; each row carries segment ids and positions, so attention
-never crosses documents and RoPE restarts per document piece. A background thread keeps
-`data.prefetch` batches ready. The iterator's position is a small JSON dict
-(`get_state`/`set_state`): after `set_state` the stream continues exactly where it was.
+Training (`make_train_iterator`) is organised in *lanes*: lane r produces row r of every
+global batch (batch_size lanes in all), and process p of P computes lanes
+[p B/P, (p+1) B/P), i.e. exactly its rows of the global batch. What a lane reads depends on
+the seed and the sources only, never on the number of processes, so global batch b holds the
+same records for 1, 2 or 64 processes, and a run can resume on another process count.
+
+* A random-access source (local files read into memory, prepared ArrayRecord / TFDS
+  datasets) is shuffled globally with the seed (a new permutation every epoch), repeated,
+  and lane r takes elements r, r+B, r+2B, ... of that stream.
+* A streaming source (`peer_jax/data/streaming.py`) is read sequentially: whole shards per
+  lane (records split within a shard when there are fewer shards than lanes), the shard
+  order shuffled per epoch, records mixed by a window shuffle of `data.shuffle_buffer`.
+* Sources are mixed per lane by weight (`grain.IterDataset.mix`, weights are fractions of
+  documents).
+
+Each lane tokenizes its documents and packs them with `ConcatThenSplitIterDataset`:
+documents are concatenated and split every `seq_len + 1` tokens, the remainder carried into
+the lane's next row, so no token is dropped or repeated; each row carries segment ids and
+positions, so attention never crosses documents and RoPE restarts per document piece. The
+rows of a process's lanes are stacked into its local batch (in `data.num_threads` threads
+when > 0); a background thread keeps `data.prefetch` batches ready. The iterator's position
+is a small JSON dict (`get_state`/`set_state`, one entry per lane): after `set_state` the
+stream continues exactly where it was. `merge_process_states` joins the states saved by
+every process, so any process count can pick up its lanes.
 
 Evaluation (`make_eval_iterator`): documents in file order, no shuffle, no repeat, no
 document continued from one row into the next as in training. Each document is cut into
@@ -20,6 +34,7 @@ empty rows (mask 0), so all data counts and every host yields the same number of
 """
 
 import atexit
+import concurrent.futures
 import dataclasses
 import json
 import weakref
@@ -31,9 +46,10 @@ import numpy as np
 
 from peer_jax.data import sources as sources_lib
 from peer_jax.data.sources import DataError, SourceSpec
+from peer_jax.data.streaming import StreamLaneDataset, StreamSource
 from peer_jax.data.tokenizer import Tokenizer
 
-STATE_FORMAT = "peer_jax.data/1"
+STATE_FORMAT = "peer_jax.data/2"
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 
 
@@ -66,6 +82,12 @@ def _local_batch(batch_size: int, shard_count: int) -> int:
     raise DataError(f"train.batch_size {batch_size} is not divisible by {shard_count} "
                     f"processes (data shards)")
   return batch_size // shard_count
+
+
+def lane_range(batch_size: int, shard_index: int, shard_count: int) -> range:
+  """The lanes (rows of the global batch) process `shard_index` of `shard_count` computes."""
+  local = _local_batch(batch_size, shard_count)
+  return range(shard_index * local, (shard_index + 1) * local)
 
 
 def _seed32(seed: int, i: int) -> int:
@@ -125,36 +147,112 @@ def _from_json(state):
 @dataclasses.dataclass
 class OpenedSource:
   spec: SourceSpec
-  docs: Sequence[str]  # random access, str
+  docs: Sequence[str]  # random access, str; or a StreamSource
+
+  @property
+  def streaming(self) -> bool:
+    return isinstance(self.docs, StreamSource)
+
+  def fingerprint(self) -> list:
+    size = self.docs.fingerprint() if self.streaming else len(self.docs)
+    return [self.spec.name, size, self.spec.weight]
 
 
 def open_sources(spec: str | Sequence[SourceSpec], *, text_format: str = "lines",
                  tfds_data_dir: str | None = None, default_split: str = "train",
-                 ) -> list[OpenedSource]:
-  """Parse a source spec and open every source (reads local files into memory)."""
+                 bad_records: str = "error") -> list[OpenedSource]:
+  """Parse a source spec and open every source (reads local files into memory; lists the
+  shards of streaming sources)."""
   specs = sources_lib.parse_sources(spec, default_split) if isinstance(spec, str) else spec
   return [OpenedSource(s, sources_lib.open_source(s, text_format=text_format,
-                                                  tfds_data_dir=tfds_data_dir))
+                                                  tfds_data_dir=tfds_data_dir,
+                                                  bad_records=bad_records))
           for s in specs]
 
 
 def document_dataset(opened: Sequence[OpenedSource], *, seed: int, shuffle: bool,
                      shard_index: int, shard_count: int, num_epochs: int | None = None,
-                     ) -> grain.MapDataset:
-  """This host's stream of documents (str): sharded, shuffled per epoch, repeated, mixed."""
+                     shuffle_buffer: int = 256) -> grain.IterDataset:
+  """The documents (str) of lane `shard_index` of `shard_count`, mixed over the sources.
+
+  A random-access source is shuffled globally (a new permutation every epoch), repeated,
+  and the lane takes every `shard_count`-th element; a streaming source gives the lane its
+  shards (see streaming.py). The lanes of one epoch are disjoint and cover every document.
+  """
   parts = []
   for i, src in enumerate(opened):
-    n = len(src.docs)
-    if n < shard_count:
-      raise DataError(f"source {src.spec.name} ({src.spec.source}) has {n} documents, fewer "
-                      f"than the {shard_count} data shards (processes)")
-    ds = grain.MapDataset.source(src.docs)[shard_index::shard_count]
-    if shuffle:
-      ds = ds.shuffle(seed=_seed32(seed, i))  # reseeded every epoch by repeat()
-    parts.append(ds.repeat(num_epochs))
+    if src.streaming:
+      ds = StreamLaneDataset(src.docs, lane=shard_index, num_lanes=shard_count, seed=seed,
+                             shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                             num_epochs=num_epochs, source_index=i)
+    else:
+      ds = grain.MapDataset.source(src.docs)
+      if shuffle:
+        ds = ds.shuffle(seed=_seed32(seed, i))  # reseeded every epoch by repeat()
+      ds = ds.repeat(num_epochs)[shard_index::shard_count].to_iter_dataset()
+    parts.append(ds)
   if len(parts) == 1:
     return parts[0]
-  return grain.MapDataset.mix(parts, weights=[s.spec.weight for s in opened])
+  return grain.IterDataset.mix(parts, weights=[s.spec.weight for s in opened])
+
+
+# ----------------------------------------------------------------------------- lanes -> batches
+
+
+_END = object()
+
+
+def _next_or_end(it):
+  try:
+    return next(it)
+  except StopIteration:
+    return _END
+
+
+class _LaneBatchIterator(grain.DatasetIterator):
+  """Stacks one packed row of every lane into a model batch; state = every lane's state."""
+
+  def __init__(self, parents, lanes: Sequence[int], num_threads: int):
+    super().__init__(parents)
+    self._lanes = [str(l) for l in lanes]
+    self._pool = (concurrent.futures.ThreadPoolExecutor(min(num_threads, len(parents)),
+                                                        thread_name_prefix="peer_jax-lanes")
+                  if num_threads > 0 and len(parents) > 1 else None)
+
+  def __next__(self):
+    if self._pool is not None:
+      rows = list(self._pool.map(_next_or_end, self._parents))
+    else:
+      rows = [_next_or_end(p) for p in self._parents]
+    if any(r is _END for r in rows):
+      raise StopIteration
+    return to_model_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+
+  def get_state(self) -> dict[str, Any]:
+    return {"lanes": {l: p.get_state() for l, p in zip(self._lanes, self._parents)}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for l, p in zip(self._lanes, self._parents):
+      p.set_state(state["lanes"][l])
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+    super().close()
+
+
+class _LaneBatchDataset(grain.IterDataset):
+
+  def __init__(self, parents: Sequence[grain.IterDataset], lanes: Sequence[int],
+               num_threads: int):
+    super().__init__(list(parents))
+    self._lanes, self._num_threads = list(lanes), num_threads
+
+  def __iter__(self):
+    return _LaneBatchIterator([iter(p) for p in self._parents], self._lanes, self._num_threads)
+
+  def __str__(self):
+    return f"LaneBatchDataset(lanes={self._lanes[0]}..{self._lanes[-1]})"
 
 
 # ----------------------------------------------------------------------------- training
@@ -173,17 +271,27 @@ def _close_live_iterators():
   gc.collect()
 
 
+def _lane_span(lanes) -> str:
+  lanes = sorted(int(l) for l in lanes)
+  if not lanes:
+    return "none"
+  return f"{lanes[0]}..{lanes[-1]}" if lanes == list(range(lanes[0], lanes[-1] + 1)) else \
+      ",".join(map(str, lanes))
+
+
 class DataIterator:
   """Endless stream of local batches {inputs, targets, positions, segment_ids, mask}.
 
-  Each batch is this host's (batch_size / shard_count, seq_len) share of the global batch;
-  `global_batch` turns it into jax.Arrays sharded over the mesh.
+  Each batch is this host's (batch_size / shard_count, seq_len) share of the global batch
+  (its lanes); `global_batch` turns it into jax.Arrays sharded over the mesh.
   """
 
   def __init__(self, dataset: grain.IterDataset, *, local_batch_size: int, seq_len: int,
-               fingerprint: dict):
+               fingerprint: dict, lanes: Sequence[int] = (), shard: tuple[int, int] = (0, 1)):
     self.local_batch_size, self.seq_len = local_batch_size, seq_len
     self._fingerprint = _to_json(fingerprint)
+    self.lanes = [int(l) for l in lanes]
+    self.shard = tuple(shard)
     self._dataset = dataset
     self._it = iter(dataset)
     _LIVE.add(self)
@@ -197,19 +305,35 @@ class DataIterator:
   def get_state(self) -> dict[str, Any]:
     """The position after the last batch returned, as a JSON-serialisable dict."""
     return {"format": STATE_FORMAT, "fingerprint": self._fingerprint,
-            "grain": _to_json(self._it.get_state())}
+            "processes": self.shard[1], "lanes": _to_json(self._it.get_state())["lanes"]}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Continue exactly after the batch at which `state` was taken."""
+    """Continue exactly after the batch at which `state` was taken.
+
+    `state` is this process's own state or the merge of every process's states
+    (`merge_process_states`), which lets a run resume on another number of processes.
+    """
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-      raise DataError(f"not a peer_jax data iterator state (format {STATE_FORMAT!r} expected)")
+      found = state.get("format") if isinstance(state, dict) else type(state).__name__
+      hint = (f" ({state['message']})" if isinstance(state, dict) and state.get("message")
+              else "")
+      raise DataError(f"not a peer_jax data iterator state of format {STATE_FORMAT!r} "
+                      f"(found format {found!r}{hint}); it cannot resume exactly")
     saved = state["fingerprint"]
     if saved != self._fingerprint:
       diff = {k: (saved.get(k), self._fingerprint.get(k))
               for k in set(saved) | set(self._fingerprint) if saved.get(k) != self._fingerprint.get(k)}
       raise DataError(f"the saved data iterator state belongs to a different pipeline "
                       f"(saved vs now: {diff}); it cannot resume exactly")
-    self._it.set_state(_from_json(state["grain"]))
+    lanes = state.get("lanes") or {}
+    missing = [l for l in self.lanes if str(l) not in lanes]
+    if missing:
+      raise DataError(
+          f"the saved data iterator state holds rows {_lane_span(lanes)} of the global batch "
+          f"(saved by {state.get('processes', '?')} processes); process {self.shard[0]} of "
+          f"{self.shard[1]} now needs rows {_lane_span(self.lanes)}. A resume on another "
+          f"process count needs every process's state (merge_process_states)")
+    self._it.set_state(_from_json({"lanes": {str(l): lanes[str(l)] for l in self.lanes}}))
 
   def close(self) -> None:
     """Stop the prefetch thread; the iterator cannot be used afterwards."""
@@ -218,33 +342,63 @@ class DataIterator:
       close()
 
 
+def merge_process_states(saved: dict[str, Any] | None, process_index: int,
+                         process_count: int) -> dict[str, Any] | None:
+  """The state for process `process_index` of `process_count` from the states every process
+  saved (`{"data_0": state_0, "data_1": ...}`, as peer_jax.checkpoint stores them).
+
+  States of this format are joined (every lane of every process), so the process picks up
+  its lanes whatever the process count was; other states are passed on as they are and
+  `set_state` refuses them, naming both process counts when they differ.
+  """
+  if not saved:
+    return None
+  states = [v for k, v in sorted(saved.items()) if k.startswith("data_") and isinstance(v, dict)]
+  mine = saved.get(f"data_{process_index}")
+  if states and all(s.get("format") == STATE_FORMAT for s in states):
+    lanes = {}
+    for s in states:
+      lanes.update(s.get("lanes") or {})
+    base = mine if mine is not None else states[0]
+    return {**base, "lanes": lanes, "processes": base.get("processes", len(states))}
+  if mine is None or len(states) != process_count:
+    return {"format": (mine or (states[0] if states else {})).get("format"),
+            "message": f"saved by {len(states)} processes, now {process_count}"}
+  return mine
+
+
 def build_train_iterator(opened: Sequence[OpenedSource], tokenizer: Tokenizer, *,
                          batch_size: int, seq_len: int, seed: int, shuffle: bool = True,
                          shard_index: int | None = None, shard_count: int | None = None,
                          num_epochs: int | None = None, num_threads: int = 0,
-                         prefetch: int = 2) -> DataIterator:
+                         prefetch: int = 2, shuffle_buffer: int = 256) -> DataIterator:
   """The packed, batched training stream over already opened sources (see module doc)."""
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   local = _local_batch(batch_size, shard_count)
   if seq_len < 1:
     raise DataError(f"seq_len must be >= 1, got {seq_len}")
-  docs = document_dataset(opened, seed=seed, shuffle=shuffle, shard_index=shard_index,
-                          shard_count=shard_count, num_epochs=num_epochs)
-  tokens = docs.map(_Tokenize(tokenizer)).filter(lambda x: x["tokens"].size > 0)
-  read = grain.ReadOptions(num_threads=num_threads,
-                           prefetch_buffer_size=max(16, 8 * local) if num_threads else 0)
-  ds = grain.experimental.ConcatThenSplitIterDataset(
-      tokens.to_iter_dataset(read), length_struct={"tokens": seq_len + 1})
-  ds = ds.batch(local, drop_remainder=True).map(to_model_batch)
+  lanes = lane_range(batch_size, shard_index, shard_count)
+  rows = []
+  for lane in lanes:
+    docs = document_dataset(opened, seed=seed, shuffle=shuffle, shard_index=lane,
+                            shard_count=batch_size, num_epochs=num_epochs,
+                            shuffle_buffer=shuffle_buffer)
+    tokens = docs.map(_Tokenize(tokenizer)).filter(lambda x: x["tokens"].size > 0)
+    rows.append(grain.experimental.ConcatThenSplitIterDataset(
+        tokens, length_struct={"tokens": seq_len + 1}))
+  ds = _LaneBatchDataset(rows, lanes, num_threads)
   if prefetch > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
   fingerprint = {
-      "sources": [[s.spec.name, len(s.docs), s.spec.weight] for s in opened],
-      "seed": int(seed), "shuffle": bool(shuffle), "seq_len": seq_len, "local_batch": local,
-      "shard": [shard_index, shard_count], "num_epochs": num_epochs,
+      "sources": [s.fingerprint() for s in opened],
+      "seed": int(seed), "shuffle": bool(shuffle), "seq_len": seq_len, "lanes": batch_size,
+      "num_epochs": num_epochs,
       "tokenizer": [tokenizer.vocab_size, tokenizer.add_bos, tokenizer.add_eos],
   }
-  return DataIterator(ds, local_batch_size=local, seq_len=seq_len, fingerprint=fingerprint)
+  if any(s.streaming for s in opened):
+    fingerprint["shuffle_buffer"] = int(shuffle_buffer)
+  return DataIterator(ds, local_batch_size=local, seq_len=seq_len, fingerprint=fingerprint,
+                      lanes=lanes, shard=(shard_index, shard_count))
 
 
 def make_train_iterator(data_cfg, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
@@ -254,17 +408,21 @@ def make_train_iterator(data_cfg, tokenizer: Tokenizer, *, batch_size: int, seq_
   """The training stream described by the `data` config section.
 
   Reads `data.train_path` (source spec, see peer_jax/data/sources.py), `data.text_format`,
-  `data.tfds_data_dir`, `data.shuffle`, `data.num_threads`, `data.prefetch`. `batch_size`
-  is the global batch; this host yields batch_size / shard_count rows per batch.
+  `data.tfds_data_dir`, `data.shuffle`, `data.shuffle_buffer`, `data.bad_records`,
+  `data.num_threads`, `data.prefetch`. `batch_size` is the global batch; this host yields
+  its batch_size / shard_count rows of every global batch.
   """
-  opened = open_sources(_cfg(data_cfg, "train_path", ""), text_format=_cfg(data_cfg, "text_format", "lines"),
+  opened = open_sources(_cfg(data_cfg, "train_path", ""),
+                        text_format=_cfg(data_cfg, "text_format", "lines"),
                         tfds_data_dir=_cfg(data_cfg, "tfds_data_dir", "") or None,
-                        default_split="train")
+                        default_split="train",
+                        bad_records=_cfg(data_cfg, "bad_records", "error"))
   return build_train_iterator(
       opened, tokenizer, batch_size=batch_size, seq_len=seq_len, seed=seed,
       shuffle=_cfg(data_cfg, "shuffle", True), shard_index=shard_index,
       shard_count=shard_count, num_epochs=num_epochs,
-      num_threads=_cfg(data_cfg, "num_threads", 0), prefetch=_cfg(data_cfg, "prefetch", 2))
+      num_threads=_cfg(data_cfg, "num_threads", 0), prefetch=_cfg(data_cfg, "prefetch", 2),
+      shuffle_buffer=_cfg(data_cfg, "shuffle_buffer", 256))
 
 
 class TextDataIterator(DataIterator):
@@ -361,7 +519,8 @@ def make_eval_iterator(data_cfg, tokenizer: Tokenizer, source: str | SourceSpec,
       raise DataError(f"an eval source is one source, not a mixture: {source!r}")
     spec = specs[0]
   docs = sources_lib.open_source(spec, text_format=_cfg(data_cfg, "text_format", "lines"),
-                                 tfds_data_dir=_cfg(data_cfg, "tfds_data_dir", "") or None)
+                                 tfds_data_dir=_cfg(data_cfg, "tfds_data_dir", "") or None,
+                                 bad_records=_cfg(data_cfg, "bad_records", "error"))
   return EvalIterator(docs, tokenizer, batch_size=batch_size, seq_len=seq_len,
                       max_batches=max_batches, shard_index=shard_index,
                       shard_count=shard_count, name=spec.name)

@@ -48,10 +48,13 @@ class SourceSpec:
 
   @property
   def kind(self) -> str:
+    """tfds | dir (prepared ArrayRecord) | stream (read sequentially) | files (in memory)."""
     if self.source.startswith("tfds:"):
       return "tfds"
+    if self.source.startswith("stream:") or "://" in self.source:
+      return "stream"
     if os.path.isdir(self.source):
-      return "dir"
+      return "dir" if _is_prepared_dir(self.source) else "stream"
     return "files"
 
 
@@ -84,7 +87,10 @@ def _parse_item(item: str, default_split: str | None) -> SourceSpec:
     if source.startswith("tfds:"):
       name = source[5:].split(":")[0].replace("/", "_")
     else:
-      base = os.path.basename(source.rstrip("/"))
+      path = source[len("stream:"):] if source.startswith("stream:") else source
+      base = os.path.basename(path.rstrip("/"))
+      if any(c in base for c in "*?["):
+        base = os.path.basename(os.path.dirname(path.rstrip("/")))
       for suffix in COMPRESSED_SUFFIXES + JSONL_SUFFIXES + (".txt",):
         if base.endswith(suffix):
           base = base[:-len(suffix)]
@@ -112,6 +118,9 @@ def check_sources(spec: str, default_split: str | None = "train") -> list[Source
   for s in specs:
     if s.kind == "files":
       expand_files(s.source)
+    elif s.kind == "stream":
+      from peer_jax.data.streaming import list_shards
+      list_shards(s.source)
   return specs
 
 
@@ -309,6 +318,11 @@ def _first_line(e: Exception) -> str:
   return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
 
 
+def _is_prepared_dir(path: str) -> bool:
+  """Whether a local directory is (or holds versions of) a prepared TFDS dataset."""
+  return os.path.isfile(os.path.join(_dataset_dir(path), "dataset_info.json"))
+
+
 def _dataset_dir(path: str) -> str:
   """DIR itself if it holds dataset_info.json, else its newest VERSION subdirectory that does."""
   if os.path.isfile(os.path.join(path, "dataset_info.json")):
@@ -322,8 +336,14 @@ def _dataset_dir(path: str) -> str:
 
 
 def open_source(spec: SourceSpec, *, text_format: str = "lines",
-                tfds_data_dir: str | None = None) -> Sequence[str]:
-  """A random-access sequence of documents (str) for one source."""
+                tfds_data_dir: str | None = None, bad_records: str = "error") -> Sequence[str]:
+  """A random-access sequence of documents (str) for one source (for a streaming source: a
+  StreamSource, which the pipeline reads lane by lane, and which iterates its documents in
+  shard order)."""
+  if spec.kind == "stream":
+    from peer_jax.data.streaming import StreamSource
+    return StreamSource(spec.source, name=spec.name, text_format=text_format,
+                        bad_records=bad_records)
   if spec.kind == "files":
     return read_file_documents(spec.source, text_format)
   return open_tfds(spec, tfds_data_dir)
