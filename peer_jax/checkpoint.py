@@ -204,9 +204,9 @@ def _gather_data_states(data_state: dict) -> dict:
 
 
 def _my_data_state(saved: dict | None) -> dict | None:
-  if not saved:
-    return None
-  return saved.get(f"data_{jax.process_index()}")
+  # Joined over every process's state, so a resume on another process count continues.
+  from peer_jax.data import merge_process_states
+  return merge_process_states(saved, jax.process_index(), jax.process_count())
 
 
 def _sync(name: str) -> None:
