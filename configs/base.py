@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.add_bos = True
   d.add_eos = True
   d.shuffle = True
+  d.shuffle_buffer = 256  # streaming sources: documents each batch row window-shuffles
+  d.bad_records = "error"  # error | skip (skip and count bad records of streaming sources)
   d.eval_paths = (f"wikitext2_valid={SHARED_DATA}/wikitext-2/valid.txt,"
                   f"c4_sample={SHARED_DATA}/c4_en_sample/c4-train.00000-of-01024.first1000.jsonl")
   d.eval_batches = 8

@@ -181,6 +181,9 @@ def validate_data(cfg) -> None:
     _fail("data.tfds_data_dir", "must be a string (empty for the TFDS default)")
   _positive_int(cfg, "data.num_threads", allow_zero=True)
   _positive_int(cfg, "data.prefetch", allow_zero=True)
+  _positive_int(cfg, "data.shuffle_buffer")
+  from peer_jax.data.streaming import BAD_RECORDS
+  _choice(cfg, "data.bad_records", BAD_RECORDS)
   _positive_int(cfg, "data.eval_batches")
 
 
