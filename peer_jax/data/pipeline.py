@@ -189,7 +189,8 @@ def document_dataset(opened: Sequence[OpenedSource], *, seed: int, shuffle: bool
       ds = grain.MapDataset.source(src.docs)
       if shuffle:
         ds = ds.shuffle(seed=_seed32(seed, i))  # reseeded every epoch by repeat()
-      ds = ds.repeat(num_epochs)[shard_index::shard_count].to_iter_dataset()
+      ds = ds.repeat(num_epochs)[shard_index::shard_count].to_iter_dataset(
+          grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # lanes read in turn
     parts.append(ds)
   if len(parts) == 1:
     return parts[0]
