@@ -9,6 +9,10 @@ import time
 import jax
 
 
+class MetricsWriteError(RuntimeError):
+  """metrics.jsonl cannot be written (disk full, permissions): exit 4."""
+
+
 class MetricWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
@@ -20,22 +24,36 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      try:
+        os.makedirs(workdir, exist_ok=True)
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      except OSError as e:
+        raise MetricsWriteError(f"cannot write {os.path.join(workdir, 'tensorboard')}: "
+                                f"{e.strerror or e}") from None
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _json_number(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for key, value in scalars.items():
-      self._tb.add_scalar(key, float(value), int(step))
+    try:
+      # One write of the whole line: a kill or a full disk can tear only the last line,
+      # which the next resume cuts off (train._truncate_metrics).
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      for key, value in scalars.items():
+        self._tb.add_scalar(key, float(value), int(step))
+    except OSError as e:
+      raise MetricsWriteError(f"cannot write step {step} to {self.path}: "
+                              f"{e.strerror or e}") from None
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError:
+        pass
+      self._tb = None
 
 
 def _json_number(value):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -27,11 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import evaluate as evaluation
 from peer_jax import flops, sharding
-from peer_jax.checkpoint import (Checkpointer, config_changes, is_frozen, restore_params)
+from peer_jax.checkpoint import (Checkpointer, check_writable, config_changes, key_group,
+                                 resolve_path, restore_params)
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.data import Tokenizer, global_batch, make_train_iterator
 from peer_jax.metrics import MetricWriter, Progress
 from peer_jax.model import Transformer
+from peer_jax.workdir_lock import WorkdirError, WorkdirLock
 from peer_jax.optim import learning_rate_schedule, make_optimizer  # noqa: F401 (re-exported)
 
 
@@ -135,6 +138,9 @@ def expert_metrics(aux: dict, model_cfg) -> dict[str, jax.Array]:
   sizes = {"peer": model_cfg.peer.num_experts, "pkm": model_cfg.pkm.num_memories}
   out = {}
   for block, block_aux in aux.items():
+    for name in ("dropped_fraction", "load_balance_loss"):  # MoE routing
+      if name in block_aux:
+        out[f"moe/{block}/{name}"] = block_aux[name].astype(jnp.float32)
     if "expert_indices" in block_aux and model_cfg.ffw in sizes:
       stats = expert_stats.expert_stats(block_aux, sizes[model_cfg.ffw])
       for name, value in stats.items():
@@ -148,8 +154,12 @@ def make_train_step(graphdef, tx, schedule, cfg):
 
   def loss_fn(params, model_state, batch, scale):
     loss_sum, count, aux, new_model_state = _forward(graphdef, params, model_state, batch, True)
-    return loss_sum * scale(count), (loss_sum, count, new_model_state,
-                                     expert_metrics(aux, model_cfg))
+    # Auxiliary losses (MoE load balancing) are per-token means: weighting them by the token
+    # count keeps them per-token means after the division by the batch's count.
+    aux_loss = sum((a["aux_loss"] for a in aux.values() if "aux_loss" in a),
+                   jnp.zeros((), jnp.float32))
+    objective = (loss_sum + aux_loss * jax.lax.stop_gradient(count)) * scale(count)
+    return objective, (loss_sum, count, new_model_state, expert_metrics(aux, model_cfg))
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -203,11 +213,22 @@ def make_train_step(graphdef, tx, schedule, cfg):
 
 
 def check_finite(step: int, metrics: dict) -> None:
-  loss = float(metrics["train/loss"])
-  if not math.isfinite(loss):
-    raise TrainingDiverged(
-        f"train/loss is {loss} at step {step}: training diverged. Lower train.learning_rate, "
-        f"raise train.warmup_steps, or keep train.grad_clip > 0.")
+  """TrainingDiverged if the step's loss or gradient norm is NaN or Inf."""
+  for key in ("train/loss", "train/grad_norm"):
+    if key not in metrics:
+      continue
+    value = float(metrics[key])
+    if not math.isfinite(value):
+      raise TrainingDiverged(
+          f"{key} is {value} at step {step}: training diverged. Lower train.learning_rate, "
+          f"raise train.warmup_steps, or keep train.grad_clip > 0.")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def prepare(cfg) -> Tokenizer:
@@ -224,8 +245,11 @@ def prepare(cfg) -> Tokenizer:
 class Preemption:
   """SIGTERM (what TPU VMs and SLURM send before preempting) asks for a save-and-exit.
 
-  The flag is only read at step boundaries; on several processes they agree on it, so all
-  of them stop after the same step.
+  Installed before anything slow starts (config checks, restore, compilation), so a SIGTERM
+  at any phase is a clean stop. The flag is only read at step boundaries (and between the
+  start-up phases); on several processes they agree on it, so all of them stop after the
+  same step. A SIGTERM that arrived before this handler was installed (scripts/train.py
+  catches them from its first line, in a handler with `peer_jax_requested`) counts too.
   """
 
   def __init__(self):
@@ -235,6 +259,8 @@ class Preemption:
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+      if getattr(self._previous, "peer_jax_requested", False):
+        self.requested = True
     return self
 
   def __exit__(self, *exc):
@@ -252,39 +278,89 @@ class Preemption:
     return bool(np.any(flags))
 
 
-def _truncate_metrics(path: str, after_step: int) -> None:
-  """Drop records past the restored step: the resumed run writes them again, identically."""
+class StoppedBeforeTraining(Exception):
+  """SIGTERM during start-up: nothing new to save; the run resumes when started again."""
+
+
+def _truncate_metrics(path: str, after_step: int, warn=None) -> None:
+  """Drop records past the restored step (the resumed run writes them again, identically),
+  and a torn line (a kill or a full disk mid-write), so a resume never fails on them."""
   if jax.process_index() != 0 or not os.path.exists(path):
     return
-  with open(path) as f:
-    lines = f.readlines()
-  keep = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= after_step]
-  if len(keep) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(keep)
+  with open(path, "rb") as f:
+    raw = f.read()
+  keep, torn = [], []
+  lines = raw.split(b"\n")
+  for n, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line.decode("utf-8"))
+      if not isinstance(record, dict):
+        raise ValueError("not an object")
+    except ValueError:
+      torn.append(n + 1)
+      continue
+    if record.get("step", 0) <= after_step:
+      keep.append(line + b"\n")
+  if torn and warn is not None:
+    warn(f"warning: metrics: dropped {len(torn)} unreadable line(s) of {path} (line "
+         f"{', '.join(map(str, torn[:5]))}: cut off mid-write)")
+  new = b"".join(keep)
+  if new != raw:
+    with open(path + ".tmp", "wb") as f:
+      f.write(new)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
 def resume_or_init(cfg, trainer: Trainer, ckpt: Checkpointer, data, progress_message
                    ) -> TrainState:
-  """The latest good checkpoint of this workdir, else checkpoint.init_from, else fresh init."""
+  """The latest good checkpoint of this workdir, else checkpoint.init_from, else fresh init.
+
+  A workdir whose checkpoints are all unreadable stops with CheckpointError (never a fresh
+  start on top of a run); config changes that cannot be honoured stop with ConfigError.
+  """
   current = json.loads(cfg.to_json_best_effort())
 
   def refuse_frozen_changes(saved: dict, step: int) -> None:
-    frozen = [c for c in config_changes(saved, current) if is_frozen(c[0])]
+    frozen = [c for c in config_changes(saved, current) if key_group(c[0]) == "frozen"]
     if frozen:
-      raise ConfigError("; ".join(f"{k}: changed from {a!r} to {b!r}" for k, a, b in frozen)
+      raise ConfigError(describe_changes(frozen)
                         + f" since checkpoint {step} in {ckpt.directory}; these cannot "
                         "change on resume (use a new --workdir, or checkpoint.init_from to start "
                         "from its parameters)")
 
+  def apply_data(data_state) -> None:
+    if data_state is None:
+      return
+    now = data.get_state()
+    if isinstance(data_state, dict) and isinstance(now, dict) and \
+        data_state.get("format") == now.get("format") and \
+        "fingerprint" in data_state and data_state["fingerprint"] != now.get("fingerprint"):
+      saved_fp, now_fp = data_state["fingerprint"], now.get("fingerprint")
+      if isinstance(saved_fp, dict) and isinstance(now_fp, dict):
+        diff = ", ".join(f"{k}: {saved_fp.get(k)!r} -> {now_fp.get(k)!r}"
+                         for k in sorted(set(saved_fp) | set(now_fp))
+                         if saved_fp.get(k) != now_fp.get(k))
+      else:
+        diff = f"{saved_fp!r} -> {now_fp!r}"
+      raise ConfigError(f"data: the training data pipeline changed since the checkpoint "
+                        f"({diff}); the data stream cannot resume (change data.* back, or "
+                        "use a new --workdir)")
+    data.set_state(data_state)
+
   restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings,
-                                 check_config=refuse_frozen_changes)
+                                 check_config=refuse_frozen_changes, apply_data=apply_data,
+                                 current_config=current)
   if restored is not None:
+    if restored.step > cfg.train.steps:
+      raise ConfigError(f"train.steps: {cfg.train.steps} is below the step of checkpoint "
+                        f"{restored.step} in {ckpt.directory}: this run is already past it "
+                        f"(raise train.steps to continue it, or use a new --workdir)")
     for key, old, new in config_changes(restored.config, current):
       progress_message(f"config change on resume: {key}: {old!r} -> {new!r}")
-    if restored.data_state is not None:
-      data.set_state(restored.data_state)
     progress_message(f"resumed from checkpoint {restored.step} in {ckpt.directory}")
     return restored.state
   state = trainer.init_state()
@@ -299,21 +375,83 @@ def resume_or_init(cfg, trainer: Trainer, ckpt: Checkpointer, data, progress_mes
   return state
 
 
+def describe_changes(changes) -> str:
+  return "; ".join(f"{k}: changed from {a!r} to {b!r}" for k, a, b in changes)
+
+
+def _write_text(path: str, text: str) -> None:
+  """Write a small file atomically; WorkdirError (exit 4) if it cannot be written."""
+  try:
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
+  except OSError as e:
+    err = WorkdirError(f"cannot write {path}: {e.strerror or e}")
+    err.exit_code = 4
+    raise err from None
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
-  """Train `cfg` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
-  tokenizer = prepare(cfg)
+  """Train `cfg` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
+
+  Every exit settles the checkpoint in flight: a return (done, SIGTERM), divergence, a
+  write failure, Ctrl-C or any other error (docs/checkpointing.md).
+  """
+  workdir = resolve_path(workdir)
+  with Preemption() as preemption:
+    tokenizer = prepare(cfg)
+    check_writable(workdir)
+    lock = WorkdirLock(workdir, enabled=jax.process_index() == 0)
+    with lock:
+      try:
+        return _train(cfg, workdir, tokenizer, preemption)
+      except StoppedBeforeTraining as e:
+        Progress(cfg.train.steps).message(str(e))
+        return {}
+
+
+def _train(cfg, workdir, tokenizer, preemption) -> dict[str, float]:
+  def stop_if_requested(phase: str, step: int | None = None) -> None:
+    if preemption.agreed():
+      raise StoppedBeforeTraining(
+          f"stopped by SIGTERM during {phase}, before training; nothing new to save"
+          + (f" (latest checkpoint: {step})" if step else "")
+          + ". Run the same command again to resume.")
+
   ckpt = Checkpointer(workdir, cfg.checkpoint)  # fails now if the workdir is not writable
-  # Data next: a bad file or dataset fails here, before anything is compiled.
-  data = make_train_iterator(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
-                             seq_len=cfg.train.seq_len, seed=cfg.seed)
-  eval_sets = evaluation.load_eval_sets(cfg, tokenizer)  # read once, scored every eval
-  trainer = Trainer.build(cfg)
-  progress = Progress(cfg.train.steps)
-  state = resume_or_init(cfg, trainer, ckpt, data, progress.message)
-  start_step = int(state.step)
+  try:
+    # Data next: a bad file or dataset fails here, before anything is compiled.
+    data = make_train_iterator(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
+                               seq_len=cfg.train.seq_len, seed=cfg.seed)
+    eval_sets = evaluation.load_eval_sets(cfg, tokenizer)  # read once, scored every eval
+    stop_if_requested("start-up")
+    trainer = Trainer.build(cfg)
+    progress = Progress(cfg.train.steps)
+    state = resume_or_init(cfg, trainer, ckpt, data, progress.message)
+    start_step = int(state.step)
+    stop_if_requested("the restore", start_step)
+  except BaseException:
+    ckpt.abort()
+    raise
+  try:
+    return _loop(cfg, workdir, trainer, ckpt, data, eval_sets, progress, state, start_step,
+                 preemption)
+  except KeyboardInterrupt:
+    problem = ckpt.abort()
+    latest = ckpt._latest_complete()
+    raise KeyboardInterrupt(
+        f"stopped by Ctrl-C; the latest checkpoint is {latest} in {ckpt.directory}"
+        + (f" ({problem})" if problem else "")
+        + ". Run the same command again to resume.") from None
+  except BaseException:
+    ckpt.abort()  # the exception in hand is the one to report
+    raise
+
+
+def _loop(cfg, workdir, trainer, ckpt, data, eval_sets, progress, state, start_step,
+          preemption):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    _write_text(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   # MFU counts model FLOPs only (3x forward), not remat's recomputation.
   train_flops_per_token = 3 * flops.flops_per_token(cfg.model, cfg.train.seq_len)["total"]
@@ -323,9 +461,16 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
   evaluator = evaluation.Evaluator(trainer)
 
   writer = MetricWriter(workdir)
-  _truncate_metrics(writer.path, start_step)
+  _truncate_metrics(writer.path, start_step,
+                    warn=lambda m: print(m, file=sys.stderr, flush=True))
   total = cfg.train.steps
   progress.restart_clock(start_step)
+  if start_step >= total:
+    ckpt.close()
+    writer.close()
+    progress.message(f"done: checkpoint {start_step} in {ckpt.directory} already reached "
+                     f"train.steps={total}; nothing to train")
+    return {}
   progress.message(
       f"peer_jax: {num_params / 1e6:.2f}M parameters ({active_params / 1e6:.2f}M active per "
       f"token), model.ffw={cfg.model.ffw}, mesh {dict(trainer.mesh.shape)}, steps "
@@ -366,14 +511,23 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     eval_results[step] = evaluator.evaluate_sets(state, eval_sets)
     interval["excluded"] += time.perf_counter() - t0
 
-  def save(step, force=False) -> None:
-    jax.block_until_ready(state.step)  # the step's own compute is not checkpoint time
+  def save(step) -> None:
+    """Checkpoint `step`, after checking that it is finite: a NaN never reaches a checkpoint."""
+    nonlocal pending
+    if pending is not None:
+      finish(*pending)  # this step's loss and gradient norm (TrainingDiverged if not finite)
+      pending = None
     t0 = time.perf_counter()
-    ckpt.save(step, state, data.get_state(), config_dict, force=force)
+    if not bool(_all_finite((state.params, state.opt_state))):
+      raise TrainingDiverged(
+          f"the parameters or optimizer state are NaN or Inf after step {step}: training "
+          f"diverged; checkpoint {step} was not written (latest: {ckpt._latest_complete()}). "
+          "Lower train.learning_rate, raise train.warmup_steps, or keep train.grad_clip > 0.")
+    ckpt.save(step, state, data.get_state(), config_dict)
     interval["excluded"] += time.perf_counter() - t0
 
   step = start_step
-  with trainer.mesh, Preemption() as preemption:
+  with trainer.mesh:
     for step in range(start_step + 1, total + 1):
       t0 = time.perf_counter()
       batch = global_batch(next(data), trainer.batch_sharding)
@@ -384,17 +538,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
       pending = (step, metrics)
       if eval_sets and (step % cfg.train.eval_every == 0 or step == total):
         run_eval(step)
-      if ckpt.should_save(step) or step == total:
-        save(step, force=step == total)
-      if preemption.agreed():
-        finish(*pending)
-        pending = None
-        if not ckpt.should_save(step) and step != total:
-          save(step, force=True)
+      stopping = step != total and preemption.agreed()
+      if ckpt.should_save(step) or step == total or stopping:
+        save(step)
+      if stopping:
         ckpt.close()
+        writer.close()
         progress.message(f"stopped by SIGTERM after step {step}; checkpoint saved in "
                          f"{ckpt.directory}. Run the same command again to resume.")
-        writer.close()
         return last_logged
     if pending is not None:
       finish(*pending)

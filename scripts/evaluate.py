@@ -61,11 +61,31 @@ def _config(workdir: str):
   return cfg
 
 
-def _precheck(workdir: str, histogram: str | None) -> None:
-  """Checks that need no JAX: a wrong workdir or output path fails at once."""
+def _precheck(workdir: str, histogram: str | None, batch_size: int = 0,
+              max_batches: int = 0, step: int | None = None) -> None:
+  """Checks that need no JAX: a wrong flag, workdir or output path fails at once."""
+  if batch_size < 0:
+    raise UsageError(f"--batch_size: must be >= 1 (or 0 for train.batch_size), got {batch_size}")
+  if max_batches < 0:
+    raise UsageError(f"--max_batches: must be >= 1 (or 0 for all of each set), got {max_batches}")
+  if step is not None and step < 0:
+    raise UsageError(f"--step: must be a checkpoint step >= 0, got {step}")
   _config(workdir)
-  if histogram and not os.path.isdir(os.path.dirname(os.path.abspath(histogram))):
-    raise UsageError(f"--expert_histogram: directory {os.path.dirname(histogram)} does not exist")
+  if histogram:
+    parent = os.path.dirname(os.path.abspath(histogram))
+    if os.path.isdir(histogram):
+      raise UsageError(f"--expert_histogram: {histogram} is a directory; give a file name "
+                       "(e.g. experts.png)")
+    probe = parent
+    while probe and not os.path.exists(probe):
+      probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+      raise UsageError(f"--expert_histogram: {probe} is a file, not a directory")
+    if not os.path.isdir(parent):
+      raise UsageError(f"--expert_histogram: directory {os.path.dirname(histogram)} does not "
+                       "exist")
+    if not os.access(parent, os.W_OK):
+      raise UsageError(f"--expert_histogram: directory {parent} is not writable")
   checkpoints = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
     raise _NoCheckpoint(f"no checkpoints in {os.path.abspath(checkpoints)}")
@@ -123,7 +143,8 @@ def evaluate(workdir: str, data: list[str], task: str, step: int | None, histogr
     if names[:i].count(s.name):
       s.name = f"{s.name}_{names[:i].count(s.name) + 1}"
 
-  ckpt = Checkpointer(workdir, cfg.checkpoint)
+  # Read-only: evaluation never moves, deletes or writes a run's checkpoints.
+  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
   try:
     restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, step=step)
   finally:
@@ -162,20 +183,40 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  workdir = _resolve(_WORKDIR.value)
+  histogram = _resolve(_HISTOGRAM.value) if _HISTOGRAM.value else None
+  data = [_resolve_source(d) for d in _DATA.value]
   try:
-    _precheck(_WORKDIR.value, _HISTOGRAM.value)
+    _precheck(workdir, histogram, _BATCH.value, _MAX_BATCHES.value, _STEP.value)
   except UsageError as e:
     print(f"error: command line: {e}", file=sys.stderr)
     return 2
   except _NoCheckpoint as e:
     print(f"error: checkpoint: {e}", file=sys.stderr)
     return 2
-  from peer_jax.cli import run_or_explain
+  from peer_jax.cli import exit_now, run_or_explain
   from peer_jax.evaluate import EvalError
-  return run_or_explain(
-      lambda: evaluate(_WORKDIR.value, _DATA.value, _TASK.value, _STEP.value, _HISTOGRAM.value,
+  code = run_or_explain(
+      lambda: evaluate(workdir, data, _TASK.value, _STEP.value, histogram,
                        _BATCH.value, _MAX_BATCHES.value, _TEXT_FORMAT.value),
       usage_errors=(UsageError, EvalError))
+  if code:
+    exit_now(code)
+  return code
+
+
+def _resolve(path: str) -> str:
+  """Relative paths and ~ as the user typed them (URLs such as gs:// unchanged)."""
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _resolve_source(spec: str) -> str:
+  """`~` in a --data source (NAME=PATH or PATH; tfds: and URLs unchanged)."""
+  name, sep, path = spec.rpartition("=") if "=" in spec and not spec.startswith("tfds:") \
+      else ("", "", spec)
+  if path.startswith("~"):
+    path = os.path.expanduser(path)
+  return f"{name}{sep}{path}"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,18 @@ Writes DIR/metrics.jsonl, TensorBoard event files in DIR/tensorboard and DIR/con
 """
 
 import os
+import signal
 import sys
+
+
+def _early_sigterm(signum, frame):
+  """A SIGTERM before training has installed its own handler (imports, config checks): the
+  run stops cleanly at the first safe point instead of dying mid-start."""
+  _early_sigterm.peer_jax_requested = True
+
+
+_early_sigterm.peer_jax_requested = False
+signal.signal(signal.SIGTERM, _early_sigterm)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +42,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # keep the console to progress lines and errors
+  if _early_sigterm.peer_jax_requested:
+    print("stopped by SIGTERM during start-up, before training; nothing new to save. Run the "
+          "same command again to resume.", flush=True)
+    return 0
   from peer_jax import distributed  # before anything touches a device
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -47,7 +62,11 @@ def main(argv):
     print(f"error: command line: --config: cannot load config file {missing} "
           f"({str(e).splitlines()[-1].strip()})", file=sys.stderr)
     return 2
-  return run_or_explain(lambda: train_and_evaluate(config, _WORKDIR.value))
+  from peer_jax.cli import exit_now
+  code = run_or_explain(lambda: train_and_evaluate(config, _WORKDIR.value))
+  if code:
+    exit_now(code)  # everything is settled; do not wait on library threads at shutdown
+  return code
 
 
 def run():
