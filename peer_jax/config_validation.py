@@ -200,17 +200,26 @@ def validate_sharding(cfg, mesh_shape) -> None:
   mesh_shape: (data, fsdp, tensor) sizes. The model is built abstractly (no memory).
   """
   sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
-  if all(s == 1 for s in sizes.values()):
-    return
-  rules = tuple(_get(cfg, "sharding.rules"))
+  # The table's form is checked on every mesh (also on one device, where it is not used yet).
+  rules = _get(cfg, "sharding.rules")
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, (tuple, list)):
+    _fail("sharding.rules", f"must be a sequence of (logical_name, mesh_axes) pairs, got "
+          f"{rules!r}")
+  rules = tuple(rules)
   for entry in rules:
     if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
       _fail("sharding.rules", f"each entry must be (logical_name, mesh_axes), got {entry!r}")
-    axes = sharding.rule_axes(rules, entry[0])
-    bad = [a for a in axes if a not in sharding.MESH_AXES]
+    target = entry[1]
+    targets = target if isinstance(target, (tuple, list)) else (target,)
+    if not all(t is None or isinstance(t, str) for t in targets):
+      _fail("sharding.rules", f"{entry[0]!r}: mesh axes must be None, a name or a tuple of "
+            f"names, got {target!r}")
+    bad = [a for a in targets if a is not None and a not in sharding.MESH_AXES]
     if bad:
       _fail("sharding.rules", f"{entry[0]!r} maps to unknown mesh axis {bad[0]!r}; mesh axes are "
             f"{', '.join(sharding.MESH_AXES)}")
+  if all(s == 1 for s in sizes.values()):
+    return
   if cfg.model.ffw in ("peer", "pkm") and any(
       sizes[a] > 1 for a in sharding.rule_axes(rules, "experts")):
     _fail("sharding.rules", "'experts' must map to None: expert tables are sharded along D "
