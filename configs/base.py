@@ -44,11 +44,15 @@ def get_config() -> ml_collections.ConfigDict:
   p.glu = False
   p.placement = "replace"
   p.chunk_size = 512
+  p.value_init = "match_dense"  # match_dense | match_dense_unscaled | embed (docs/peer_layer.md)
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 128
   e.d_ff = 0  # 0: each expert is the size of the dense FFW (model.d_ff), as in the paper
-  e.capacity_factor = 1.0
+  e.routing = "expert_choice"  # expert_choice (the paper's baseline; NOT causal) | token_choice
+  e.capacity_factor = 2.0  # Zhou et al.'s standard for expert choice
+  e.top_k = 2  # token_choice: experts per token
+  e.aux_loss_coef = 0.01  # token_choice: Switch load-balancing loss weight
 
   m.pkm = k = ml_collections.ConfigDict()
   k.num_memories = 1024**2
@@ -56,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   k.top_k = 32
   k.key_dim = 256
   k.query_norm = "batchnorm"
+  k.value_init = "match_dense"
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000
@@ -70,9 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   t.b2 = 0.95
   t.eps = 1e-8
   t.grad_clip = 1.0
-  t.table_optimizer = "adamw"  # PEER expert tables: adamw | lazy_adam | sgd | adafactor
+  # Expert tables (PEER u/v/g, PKM values): their own optimizer settings (docs/peer_layer.md).
+  t.table_optimizer = "adamw"  # adamw | lazy_adam | sgd | adafactor
   t.table_lr_scale = 1.0
-  t.table_weight_decay = -1.0  # -1: train.weight_decay
+  t.table_lr_schedule = "follow"  # follow | decay_to_base | constant
+  t.table_weight_decay = -1.0  # -1: train.weight_decay; 0: no decay on the tables
   t.log_every = 10
   t.eval_every = 200
 

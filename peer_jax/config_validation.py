@@ -13,7 +13,9 @@ from peer_jax.data.sources import TEXT_FORMATS, DataError, check_sources
 from peer_jax.layers.common import DTYPES
 from peer_jax.layers.ffw import FFW_ACTIVATIONS
 from peer_jax.model import FFW_KINDS, expert_layer_indices
-from peer_jax.optim import TABLE_KINDS
+from peer_jax.layers.moe import MOE_ROUTINGS
+from peer_jax.layers.peer import VALUE_INITS
+from peer_jax.optim import TABLE_KINDS, TABLE_LR_SCHEDULES
 
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
 ROUTERS = ("softmax", "sigmoid")
@@ -90,6 +92,12 @@ def validate_model(cfg) -> None:
     _positive_int(cfg, "model.moe.num_experts")
     _positive_int(cfg, "model.moe.d_ff", allow_zero=True)
     _positive_float(cfg, "model.moe.capacity_factor")
+    routing = _choice(cfg, "model.moe.routing", MOE_ROUTINGS)
+    if routing == "token_choice":
+      k = _positive_int(cfg, "model.moe.top_k")
+      if k > cfg.model.moe.num_experts:
+        _fail("model.moe.top_k", f"{k} exceeds model.moe.num_experts={cfg.model.moe.num_experts}")
+      _positive_float(cfg, "model.moe.aux_loss_coef", allow_zero=True)
   elif kind == "pkm":
     n = _square_root(cfg, "model.pkm.num_memories")
     _positive_int(cfg, "model.pkm.heads")
@@ -99,6 +107,7 @@ def validate_model(cfg) -> None:
     if _positive_int(cfg, "model.pkm.key_dim") % 2:
       _fail("model.pkm.key_dim", f"must be even (two product-key halves), got {cfg.model.pkm.key_dim}")
     _choice(cfg, "model.pkm.query_norm", QUERY_NORMS)
+    _choice(cfg, "model.pkm.value_init", VALUE_INITS)
 
 
 def _square_root(cfg, key: str) -> int:
@@ -123,6 +132,7 @@ def validate_peer(cfg) -> None:
   _choice(cfg, "model.peer.activation", EXPERT_ACTIVATIONS)
   _choice(cfg, "model.peer.placement", PLACEMENTS)
   _positive_int(cfg, "model.peer.chunk_size")
+  _choice(cfg, "model.peer.value_init", VALUE_INITS)
 
 
 def validate_train(cfg, data_parallel: int) -> None:
@@ -150,6 +160,7 @@ def validate_train(cfg, data_parallel: int) -> None:
   _positive_float(cfg, "train.grad_clip", allow_zero=True)
   _choice(cfg, "train.table_optimizer", TABLE_KINDS)
   _positive_float(cfg, "train.table_lr_scale")
+  _choice(cfg, "train.table_lr_schedule", TABLE_LR_SCHEDULES)
   twd = _get(cfg, "train.table_weight_decay")
   if not isinstance(twd, (int, float)) or (twd < 0 and twd != -1):
     _fail("train.table_weight_decay", f"must be >= 0, or -1 for train.weight_decay; got {twd!r}")

@@ -52,20 +52,27 @@ def _isqrt_exact(num: int, what: str) -> int:
   return n
 
 
-def moe_capacity(seq_len: int, num_experts: int, capacity_factor: float) -> int:
-  """Tokens each MoE expert takes per sequence: min(T, ceil(T·capacity_factor/E)), >= 1."""
-  return expert_capacity(seq_len, num_experts, capacity_factor)
+def moe_choices_per_token(e) -> int:
+  """Expert slots a token asks for: 1 with expert choice, top_k with token choice."""
+  return int(e.get("top_k", 2)) if e.get("routing", "expert_choice") == "token_choice" else 1
+
+
+def moe_capacity(seq_len: int, num_experts: int, capacity_factor: float, top_k: int = 1) -> int:
+  """Slots each MoE expert computes per sequence: min(T·k, ceil(T·k·capacity_factor/E)), >= 1."""
+  return expert_capacity(seq_len, num_experts, capacity_factor, top_k)
 
 
 def moe_experts_per_token(m, seq_len: int | None = None) -> float:
-  """Average number of experts a token is processed by: E·C/T (≈ capacity_factor).
+  """Expert FFWs computed per token: E·C/T slots (≈ capacity_factor, × top_k with token
+  choice). Every slot is computed whether or not a token fills it, so this is the cost.
 
-  Without seq_len, the capacity factor itself (the value ceil/clip rounding tends to).
+  Without seq_len, the value the ceil/clip rounding tends to.
   """
   e = m.moe
+  k = moe_choices_per_token(e)
   if seq_len is None:
-    return float(min(e.capacity_factor, e.num_experts))
-  return e.num_experts * moe_capacity(seq_len, e.num_experts, e.capacity_factor) / seq_len
+    return float(min(e.capacity_factor * k, e.num_experts * k))
+  return e.num_experts * moe_capacity(seq_len, e.num_experts, e.capacity_factor, k) / seq_len
 
 
 def _ffw_width_flops(d: int, f: int, activation: str) -> int:
@@ -117,7 +124,8 @@ def _block_terms(m, seq_len: int) -> dict[str, float]:
     t["moe_router"] = n_exp * 2 * d * e.num_experts
     t["moe_experts"] = (n_exp * moe_experts_per_token(m, seq_len)
                         * _ffw_width_flops(d, f, m.ffw_activation))
-    t["moe_topk_ops"] = n_exp * e.num_experts  # each expert ranks the T tokens: E·T / T
+    t["moe_topk_ops"] = n_exp * e.num_experts  # expert choice: each expert ranks the T tokens
+    # (E·T / T); token choice: each token ranks the E experts
   elif kind == "pkm" and n_exp:
     p = m.pkm
     n = _isqrt_exact(p.num_memories, "model.pkm.num_memories")

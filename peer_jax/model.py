@@ -54,18 +54,22 @@ def make_ffw(cfg, kind: str, *, rngs: nnx.Rngs, dtype, out_scale: float) -> nnx.
     return PEER(d, num_experts=p.num_experts, heads=p.heads, top_k=p.top_k,
                 query_dim=p.query_dim, query_norm=p.query_norm, per_head_keys=p.per_head_keys,
                 router=p.router, activation=p.activation, glu=p.glu, chunk_size=p.chunk_size,
+                value_init=p.get("value_init", "match_dense"), out_scale=out_scale,
                 rngs=rngs, dtype=dtype)
   if kind == "moe":
     from peer_jax.layers.moe import MoE
     m = cfg.moe
     return MoE(d, num_experts=m.num_experts, d_ff=m.d_ff or cfg.d_ff,
-               capacity_factor=m.capacity_factor, activation=cfg.ffw_activation,
-               rngs=rngs, dtype=dtype)
+               routing=m.get("routing", "expert_choice"), capacity_factor=m.capacity_factor,
+               top_k=m.get("top_k", 2), aux_loss_coef=m.get("aux_loss_coef", 0.01),
+               activation=cfg.ffw_activation, out_scale=out_scale, rngs=rngs, dtype=dtype)
   if kind == "pkm":
     from peer_jax.layers.pkm import PKM
     m = cfg.pkm
     return PKM(d, num_memories=m.num_memories, heads=m.heads, top_k=m.top_k,
-               key_dim=m.key_dim, query_norm=m.query_norm, rngs=rngs, dtype=dtype)
+               key_dim=m.key_dim, query_norm=m.query_norm,
+               value_init=m.get("value_init", "match_dense"), out_scale=out_scale,
+               rngs=rngs, dtype=dtype)
   raise ValueError(f"model.ffw: unknown kind {kind!r}; expected one of {FFW_KINDS}")
 
 
@@ -86,7 +90,7 @@ class Block(nnx.Module):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, train: bool):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
     h_BTD = self.ffw_norm(x_BTD)
-    y_BTD, aux = self.ffw(h_BTD, train=train)
+    y_BTD, aux = self.ffw(h_BTD, train=train, segment_ids_BT=segment_ids_BT)
     if self.parallel_ffw is not None:
       y_BTD = y_BTD + self.parallel_ffw(h_BTD, train=train)[0]
     return x_BTD + y_BTD.astype(x_BTD.dtype), aux
@@ -97,7 +101,7 @@ class Block(nnx.Module):
     attn_out, cache = self.attn.extend(self.attn_norm(x_BTD), positions_BT, cache)
     x_BTD = x_BTD + attn_out
     h_BTD = self.ffw_norm(x_BTD)
-    y_BTD, _ = self.ffw(h_BTD, train=False)
+    y_BTD, _ = self.ffw(h_BTD, train=False, decode=True)
     if self.parallel_ffw is not None:
       y_BTD = y_BTD + self.parallel_ffw(h_BTD, train=False)[0]
     return x_BTD + y_BTD.astype(x_BTD.dtype), cache

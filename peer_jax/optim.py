@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 TABLE_KINDS = ("adamw", "lazy_adam", "sgd", "adafactor")
-TABLE_NAMES = ("u_ND", "v_ND", "g_ND")
+TABLE_NAMES = ("u_ND", "v_ND", "g_ND", "values_NV")  # PEER experts, PKM values
 
 
 def _path_names(path) -> list[str]:
@@ -49,7 +49,7 @@ def _path_names(path) -> list[str]:
 
 
 def is_table(path, leaf) -> bool:
-  """Default table predicate: a 2-D leaf whose path contains u_ND, v_ND or g_ND."""
+  """Default table predicate: a 2-D leaf named u_ND, v_ND, g_ND (PEER) or values_NV (PKM)."""
   return getattr(leaf, "ndim", 0) == 2 and any(n in TABLE_NAMES for n in _path_names(path))
 
 
@@ -177,12 +177,6 @@ def table_aware_optimizer(rest_tx: optax.GradientTransformation, *, table_kind: 
                                lambda params: table_labels(params, predicate))
 
 
-def max_table_rows(model_cfg, tokens_per_step: int) -> int:
-  """Upper bound on distinct table rows touched by one optimizer step (per table)."""
-  p = model_cfg.peer
-  return int(min(p.num_experts, tokens_per_step * p.heads * p.top_k))
-
-
 # ----------------------------------------------------------------------------- optimizer
 
 
@@ -200,23 +194,67 @@ def learning_rate_schedule(tcfg) -> optax.Schedule:
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
+TABLE_LR_SCHEDULES = ("follow", "decay_to_base", "constant")
+
+
+def table_learning_rate_schedule(tcfg, base: optax.Schedule) -> optax.Schedule:
+  """The expert tables' learning rate: `train.table_lr_scale` × a schedule.
+
+  * follow: the base schedule (warmup, cosine) times the scale.
+  * decay_to_base: the multiplier falls linearly from the scale to 1 over training, on top
+    of the base schedule (UltraMem's table LR: 4x the base, decaying to 1x).
+  * constant: warmup to learning_rate × scale, then flat (memory layers at a fixed LR,
+    as in Meta's memory-layer code and XLM's PKM values).
+  """
+  scale, kind = float(tcfg.table_lr_scale), tcfg.get("table_lr_schedule", "follow")
+  if kind == "follow":
+    return lambda step: base(step) * scale
+  if kind == "decay_to_base":
+    total = max(int(tcfg.steps), 1)
+    return lambda step: base(step) * (scale + (1.0 - scale) * jnp.minimum(step / total, 1.0))
+  if kind == "constant":
+    peak = tcfg.learning_rate * scale
+    warmup = max(min(int(tcfg.warmup_steps), int(tcfg.steps)), 1)
+    return lambda step: peak * jnp.minimum((step + 1) / warmup, 1.0)
+  raise ValueError(f"train.table_lr_schedule: unknown {kind!r}; expected one of "
+                   f"{TABLE_LR_SCHEDULES}")
+
+
+def tables_have_own_optimizer(tcfg, model_cfg) -> bool:
+  """Whether the table settings differ from the shared AdamW (so tables get a branch)."""
+  if model_cfg is None or not expert_table_shape(model_cfg):
+    return False
+  return (tcfg.table_optimizer != "adamw" or tcfg.table_lr_scale != 1.0
+          or tcfg.get("table_lr_schedule", "follow") != "follow"
+          or tcfg.table_weight_decay >= 0)
+
+
+def expert_table_shape(model_cfg) -> tuple[int, int] | None:
+  """(rows N, retrievals per token) of the model's expert tables; None for dense / MoE."""
+  if model_cfg.ffw == "peer":
+    return model_cfg.peer.num_experts, model_cfg.peer.heads * model_cfg.peer.top_k
+  if model_cfg.ffw == "pkm":
+    return model_cfg.pkm.num_memories, model_cfg.pkm.heads * model_cfg.pkm.top_k
+  return None
+
+
 def make_optimizer(tcfg, model_cfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (clipped) for everything; PEER expert tables optionally get their own optimizer
-  and learning-rate scale (`train.table_*`, see docs/performance.md)."""
+  """AdamW (clipped) for everything; the expert tables of PEER (u, v, g) and PKM (values)
+  optionally get their own optimizer, LR multiplier and schedule, and weight decay
+  (`train.table_*`; docs/peer_layer.md says which defaults the ablations chose)."""
   schedule = learning_rate_schedule(tcfg)
   # Norm scales and other vectors are not decayed: shrinking them only fights the norm.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   tx = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
                    weight_decay=tcfg.weight_decay, mask=decay_mask)
-  if model_cfg is not None and model_cfg.ffw == "peer" and (
-      tcfg.table_optimizer != "adamw" or tcfg.table_lr_scale != 1.0
-      or tcfg.table_weight_decay >= 0):
+  if tables_have_own_optimizer(tcfg, model_cfg):
     wd = tcfg.weight_decay if tcfg.table_weight_decay < 0 else tcfg.table_weight_decay
+    rows, per_token = expert_table_shape(model_cfg)
     tx = table_aware_optimizer(
         tx, table_kind=tcfg.table_optimizer,
-        table_learning_rate=lambda step: schedule(step) * tcfg.table_lr_scale,
+        table_learning_rate=table_learning_rate_schedule(tcfg, schedule),
         b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=wd,
-        max_rows=max_table_rows(model_cfg, tcfg.batch_size * tcfg.seq_len))
+        max_rows=int(min(rows, tcfg.batch_size * tcfg.seq_len * per_token)))
   if tcfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), tx)
   return tx, schedule

@@ -166,6 +166,10 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
 
   def one(x):
     if _is_variable(x):
+      if not jax.tree.leaves(x.get_value()):
+        # A Variable holding no arrays (optax's MaskedNode in a multi_transform branch that
+        # does not own this parameter): it gets no sharding, or the trees would not match.
+        return x
       names = x.get_metadata().get("out_sharding")
       return x.replace(NamedSharding(mesh, logical_to_mesh_spec(names, rules)))
     return NamedSharding(mesh, P())

@@ -44,7 +44,7 @@ def small(ffw="dense", **overrides):
   m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.d_ff = 512, 64, 2, 4, 256
   m.ffw, m.tie_embeddings = ffw, True
   m.peer.num_experts, m.peer.heads, m.peer.top_k, m.peer.query_dim = 16**2, 4, 8, 32
-  m.moe.num_experts = 4
+  m.moe.num_experts, m.moe.capacity_factor = 4, 1.0
   m.pkm.num_memories, m.pkm.heads, m.pkm.top_k, m.pkm.key_dim = 16**2, 4, 8, 32
   for key, value in overrides.items():
     node = m

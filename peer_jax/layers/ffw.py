@@ -3,8 +3,10 @@
 All FFW-kind layers (dense, moe, pkm, peer) share one calling convention so that a
 block can hold any of them:
 
-    y_BTD, aux = layer(x_BTD, train=bool)
+    y_BTD, aux = layer(x_BTD, train=bool, segment_ids_BT=None, decode=False)
 
+`segment_ids_BT` marks padding (0) for layers that route over the sequence (MoE);
+`decode=True` says the tokens are decoded one step at a time (Transformer.extend).
 `aux` is a dict of arrays the trainer may log or the evaluator aggregate (expert
 indices and weights, auxiliary losses); a dense FFW returns an empty dict.
 """
@@ -33,8 +35,9 @@ class DenseFFW(nnx.Module):
     # out_scale lets deep stacks shrink the residual contribution of each block at init.
     self.w_out_FD = param(rngs, fan_in_normal(d_ff, out_scale), (d_ff, d_model), ("mlp", "embed"))
 
-  def __call__(self, x_BTD: jax.Array, *, train: bool = False):
-    del train
+  def __call__(self, x_BTD: jax.Array, *, train: bool = False, segment_ids_BT=None,
+               decode: bool = False):
+    del train, segment_ids_BT, decode
     x_BTD = x_BTD.astype(self.dtype)
     h_BTF = x_BTD @ self.w_in_DF[...].astype(self.dtype)
     if self.activation == "swiglu":

@@ -28,7 +28,12 @@ a² ≈ 0.425 for GELU, 0.5 for ReLU.
   - sigmoid router: the top scores are positive, g = sigmoid(score) ≈ 1, so
     Σ Σ g² ≈ h·k and s_v = 1/√(h·k).
   - GLU: E[σ(g·x)² (u·x)²] = a² · 1 for independent g, u, so the same s_v.
-  This makes Var(y_d) ≈ a², like the dense FFW (checked in tests/test_layers.py).
+  This makes Var(y_d) ≈ a², like the dense FFW without its output scale. The blocks
+  shrink the dense FFW's output by (2·num_layers)^-1/2 (`out_scale`), and the default
+  `value_init='match_dense'` scales s_v by the same factor, so every FFW kind starts with
+  the same residual contribution at any depth (checked in tests/test_layers.py against
+  the dense FFW *with* its output scale). `value_init='embed'` is the paper's
+  nn.Embed init (std 1/√D); docs/ablations.md compares the rules.
 """
 
 import math
@@ -70,6 +75,28 @@ def value_init_std(heads: int, top_k: int, router: str) -> float:
   See the module docstring: Σ Σ g² ≈ heads/top_k for softmax, heads·top_k for sigmoid.
   """
   return math.sqrt(top_k / heads) if router == "softmax" else 1.0 / math.sqrt(heads * top_k)
+
+
+VALUE_INITS = ("match_dense", "match_dense_unscaled", "embed")
+
+
+def table_init_std(rule: str, match_std: float, d_model: int, out_scale: float) -> float:
+  """Std of an output table (PEER's v, PKM's values) under `rule`.
+
+  * match_dense: the layer's output RMS at init equals the dense FFW's it replaces,
+    *including* the block's depth-dependent output scale (`match_std` · out_scale), so
+    every FFW kind starts with the same residual contribution.
+  * match_dense_unscaled: `match_std` alone (the dense FFW's RMS without the depth
+    scale; peer_jax's init before the fair-comparison review, kept for the ablation).
+  * embed: 1/√d_model, Flax's nn.Embed default, which the paper's Algorithm 1 uses.
+  """
+  if rule == "match_dense":
+    return match_std * out_scale
+  if rule == "match_dense_unscaled":
+    return match_std
+  if rule == "embed":
+    return d_model ** -0.5
+  raise ValueError(f"unknown value_init {rule!r}; expected one of {VALUE_INITS}")
 
 
 class ProductKeyRetrieval(nnx.Module):
@@ -165,7 +192,8 @@ class PEER(nnx.Module):
   def __init__(self, d_model: int, *, num_experts: int, heads: int, top_k: int, query_dim: int,
                query_norm: str = "batchnorm", per_head_keys: bool = False,
                router: str = "softmax", activation: str = "gelu", glu: bool = False,
-               chunk_size: int = 512, rngs: nnx.Rngs, dtype=jnp.float32):
+               chunk_size: int = 512, value_init: str = "match_dense", out_scale: float = 1.0,
+               rngs: nnx.Rngs, dtype=jnp.float32):
     if activation not in PEER_ACTIVATIONS:
       raise ValueError(f"unknown PEER activation {activation!r}; expected {PEER_ACTIVATIONS}")
     self.retrieval = ProductKeyRetrieval(
@@ -178,10 +206,11 @@ class PEER(nnx.Module):
     self.u_ND = param(rngs, fan_in_normal(d_model), shape, names)
     if glu:
       self.g_ND = param(rngs, fan_in_normal(d_model), shape, names)
-    v_std = value_init_std(heads, top_k, router)
+    v_std = table_init_std(value_init, value_init_std(heads, top_k, router), d_model, out_scale)
     self.v_ND = param(rngs, nnx.initializers.normal(stddev=v_std), shape, names)
 
-  def __call__(self, x_BTD, *, train: bool = False):
+  def __call__(self, x_BTD, *, train: bool = False, segment_ids_BT=None, decode: bool = False):
+    del segment_ids_BT, decode
     B, T, D = x_BTD.shape
     x_BTD = sharding.constrain(x_BTD.astype(self.dtype), ("batch", "length", "embed"))
     _, idx_BTHK, w_BTHK = self.retrieval(x_BTD, train=train)

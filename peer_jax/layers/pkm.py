@@ -14,7 +14,8 @@ accumulator carried through a scan (no per-chunk (N, V) temporaries).
 
 Init: values std √(top_k / (2·heads)). With near-uniform softmax weights (Σ_k w² ≈ 1/k
 per head, see peer.py) the output variance per feature is ≈ heads·(1/k)·k/(2·heads)
-= 0.5, comparable to a dense 4D FFW (a² = 0.425 GELU, 0.5 ReLU).
+= 0.5, comparable to a dense 4D FFW (a² = 0.425 GELU, 0.5 ReLU); `value_init`
+then applies the block's depth scale like PEER's (see `peer.table_init_std`).
 """
 
 import functools
@@ -26,7 +27,7 @@ from flax import nnx
 from jax import lax
 
 from peer_jax.layers.common import fan_in_normal, param
-from peer_jax.layers.peer import ProductKeyRetrieval
+from peer_jax.layers.peer import ProductKeyRetrieval, table_init_std
 
 
 def _chunks(a, chunk_size):
@@ -118,21 +119,24 @@ class PKM(nnx.Module):
 
   def __init__(self, d_model: int, *, num_memories: int, heads: int, top_k: int, key_dim: int,
                query_norm: str = "batchnorm", value_dim: int | None = None,
-               chunk_size: int = 512, rngs: nnx.Rngs, dtype=jnp.float32):
+               chunk_size: int = 512, value_init: str = "match_dense", out_scale: float = 1.0,
+               rngs: nnx.Rngs, dtype=jnp.float32):
     value_dim = value_dim or d_model
     self.retrieval = ProductKeyRetrieval(
         d_model, num_keys=num_memories, heads=heads, top_k=top_k, key_dim=key_dim,
         query_norm=query_norm, per_head_keys=True, router="softmax",
         chunk_tokens=chunk_size, rngs=rngs, dtype=dtype)
     self.chunk_size, self.dtype = chunk_size, dtype
-    self.values_NV = param(rngs, nnx.initializers.normal(stddev=math.sqrt(top_k / (2 * heads))),
+    values_std = table_init_std(value_init, math.sqrt(top_k / (2 * heads)), d_model, out_scale)
+    self.values_NV = param(rngs, nnx.initializers.normal(stddev=values_std),
                            (num_memories, value_dim), ("experts", "expert_embed"))
     self.project = value_dim != d_model
     if self.project:
       self.w_out_VD = param(rngs, fan_in_normal(value_dim), (value_dim, d_model),
                             ("expert_embed", "embed"))
 
-  def __call__(self, x_BTD, *, train: bool = False):
+  def __call__(self, x_BTD, *, train: bool = False, segment_ids_BT=None, decode: bool = False):
+    del segment_ids_BT, decode
     B, T, _ = x_BTD.shape
     _, idx_BTHK, w_BTHK = self.retrieval(x_BTD.astype(self.dtype), train=train)
     y_TV = embedding_bag(self.values_NV[...], idx_BTHK.reshape(B * T, -1),
