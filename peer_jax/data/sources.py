@@ -161,11 +161,48 @@ def open_binary(path: str) -> io.BufferedIOBase:
       except ImportError:
         raise DataError(f"{path}: reading .zst files needs the zstandard package "
                         f"(pip install zstandard)") from None
-      raw = open(path, "rb")
-      return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+      return io.BufferedReader(ZstdReader(open(path, "rb"), zstandard), buffer_size=1 << 16)
     return open(path, "rb")
   except OSError as e:
     raise DataError(f"{path}: cannot open ({e.strerror or e})") from None
+
+
+class ZstdReader(io.RawIOBase):
+  """Decompresses a .zst stream (one or more frames) and, unlike zstandard's stream_reader,
+  raises EOFError when the input ends inside a frame (a truncated shard)."""
+
+  def __init__(self, raw, zstandard):
+    self._raw, self._zstd = raw, zstandard
+    self._dobj = zstandard.ZstdDecompressor().decompressobj()
+    self._pending, self._offset = b"", 0
+    self._started = False  # inside a frame (input consumed since the last frame ended)
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    if self._offset >= len(self._pending):
+      self._pending, self._offset = b"", 0
+    while not self._pending:
+      chunk = self._raw.read(1 << 16)
+      if not chunk:
+        if self._started and not self._dobj.eof:
+          raise EOFError("the compressed stream ends inside a zstd frame (truncated file)")
+        return 0
+      while chunk:
+        if self._dobj.eof:  # the next frame of a multi-frame file
+          self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+        self._started = True
+        self._pending += self._dobj.decompress(chunk)
+        chunk = self._dobj.unused_data if self._dobj.eof else b""
+    n = min(len(b), len(self._pending) - self._offset)
+    b[:n] = self._pending[self._offset:self._offset + n]
+    self._offset += n
+    return n
+
+  def close(self) -> None:
+    self._raw.close()
+    super().close()
 
 
 def _decoded_lines(path: str):

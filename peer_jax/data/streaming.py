@@ -42,7 +42,8 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from peer_jax.data.sources import COMPRESSED_SUFFIXES, JSONL_SUFFIXES, DataError, file_format
+from peer_jax.data.sources import (COMPRESSED_SUFFIXES, JSONL_SUFFIXES, DataError, ZstdReader,
+                                   file_format)
 
 STREAM_PREFIX = "stream:"
 SHARD_SUFFIXES = tuple(s + c for s in JSONL_SUFFIXES + (".txt",) for c in ("",) + COMPRESSED_SUFFIXES)
@@ -117,46 +118,8 @@ def open_shard(path: str) -> io.BufferedIOBase:
       raw.close()
       raise DataError(f"{path}: reading .zst files needs the zstandard package "
                       f"(pip install zstandard)") from None
-    return io.BufferedReader(_ZstdReader(raw, zstandard), buffer_size=1 << 16)
+    return io.BufferedReader(ZstdReader(raw, zstandard), buffer_size=1 << 16)
   return raw
-
-
-class _ZstdReader(io.RawIOBase):
-  """Decompresses a .zst stream (one or more frames) and, unlike zstandard's stream_reader,
-  raises EOFError when the input ends inside a frame (a truncated shard)."""
-
-  def __init__(self, raw, zstandard):
-    self._raw, self._zstd = raw, zstandard
-    self._dobj = zstandard.ZstdDecompressor().decompressobj()
-    self._pending, self._offset = b"", 0
-    self._started = False  # inside a frame (input consumed since the last frame ended)
-
-  def readable(self) -> bool:
-    return True
-
-  def readinto(self, b) -> int:
-    if self._offset >= len(self._pending):
-      self._pending, self._offset = b"", 0
-    while not self._pending:
-      chunk = self._raw.read(1 << 16)
-      if not chunk:
-        if self._started and not self._dobj.eof:
-          raise EOFError("the compressed stream ends inside a zstd frame (truncated file)")
-        return 0
-      while chunk:
-        if self._dobj.eof:  # the next frame of a multi-frame file
-          self._dobj = self._zstd.ZstdDecompressor().decompressobj()
-        self._started = True
-        self._pending += self._dobj.decompress(chunk)
-        chunk = self._dobj.unused_data if self._dobj.eof else b""
-    n = min(len(b), len(self._pending) - self._offset)
-    b[:n] = self._pending[self._offset:self._offset + n]
-    self._offset += n
-    return n
-
-  def close(self) -> None:
-    self._raw.close()
-    super().close()
 
 
 # ----------------------------------------------------------------------------- one shard
