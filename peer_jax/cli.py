@@ -45,7 +45,7 @@ def run_or_explain(fn, usage_errors: tuple[type[Exception], ...] = ()) -> int:
   except MetricsWriteError as e:
     return explain("metrics", e, 4)
   except TrainingDiverged as e:
-    return explain("diverged", e, 3)
+    return explain("training", e, 3)
   except KeyboardInterrupt as e:
     print(f"interrupted{': ' + one_line(e) if str(e) else ''}", file=sys.stderr, flush=True)
     return 130
@@ -107,14 +107,18 @@ def load_config_file(name: str, spec: str):
   file, syntax error, failing import, no get_config, get_config raising) into one line
   naming the file and line. Returns the config."""
   import importlib.machinery
+  import importlib.util
   path, _, args = spec.partition(":")
   flag = f"--{name}={spec}"
   if not os.path.isfile(path):
     raise UsageProblem(f"{flag}: cannot load config file {path} (no such file; config files "
                        "are in configs/, relative to the directory you run from)")
   try:
+    # A fresh module object each time (load_module would reuse an earlier one's names).
     loader = importlib.machinery.SourceFileLoader(f"peer_jax_precheck_{name}", path)
-    module = loader.load_module()
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
   except SyntaxError as e:
     raise UsageProblem(f"{flag}: syntax error in {_where(path, e)}: {e.msg}") from None
   except Exception as e:  # noqa: BLE001  (a failing import, any error at module level)
@@ -200,3 +204,14 @@ def parse_flags(argv):
       text = text[1:-1]
     print(f"error: command line: {' '.join(text.split())}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_main(main) -> None:
+  """absl's app.run(main) with our flag parsing, and Ctrl-C at any point (imports, flag
+  parsing, start-up) as one line and exit 130 instead of a traceback."""
+  from absl import app
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    exit_now(130)

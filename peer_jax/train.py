@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import evaluate as evaluation
 from peer_jax import flops, sharding
-from peer_jax.checkpoint import (Checkpointer, check_writable, config_changes, key_group,
+from peer_jax.checkpoint import (Checkpointer, CheckpointError, check_writable, config_changes, key_group,
                                  resolve_path, restore_params)
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.data import Tokenizer, global_batch, make_train_iterator
@@ -363,6 +363,12 @@ def resume_or_init(cfg, trainer: Trainer, ckpt: Checkpointer, data, progress_mes
       progress_message(f"config change on resume: {key}: {old!r} -> {new!r}")
     progress_message(f"resumed from checkpoint {restored.step} in {ckpt.directory}")
     return restored.state
+  damaged = os.listdir(ckpt.damaged_dir) if os.path.isdir(ckpt.damaged_dir) else []
+  if damaged:
+    raise CheckpointError(
+        f"{ckpt.directory} holds no checkpoint, but {ckpt.damaged_dir} holds {len(damaged)} "
+        "damaged one(s): this workdir has a run, which is not started over from step 1; "
+        "move a repaired checkpoint back, or use a new --workdir")
   state = trainer.init_state()
   if cfg.checkpoint.init_from:
     step, params, model_state = restore_params(cfg.checkpoint.init_from, trainer.abstract_state,

@@ -220,5 +220,5 @@ def _resolve_source(spec: str) -> str:
 
 
 if __name__ == "__main__":
-  from peer_jax.cli import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  from peer_jax.cli import run_main
+  run_main(main)

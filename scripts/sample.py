@@ -98,5 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from peer_jax.cli import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  from peer_jax.cli import run_main
+  run_main(main)

@@ -70,8 +70,8 @@ def main(argv):
 
 
 def run():
-  from peer_jax.cli import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  from peer_jax.cli import run_main
+  run_main(main)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ file (configs/base.py when none is named).
 
 Slow (`pytest -m slow tests/test_docs_commands.py`): every runnable command is executed, in
 document order, on the bundled data, shortened by the REWRITES below (few steps, small
-batches), with its outputs (runs/, /tmp/, $HOME, tokenizers/) redirected into a temporary
-directory; benchmarks (`python -m benchmarks.X`) run at tiny sizes with one repeat. A command
+batches), as a user types it: from a scratch copy of the checkout (symlinks to its files,
+`../shared` beside it), so relative paths such as `--workdir=runs/default` stay relative and
+land in the scratch directory; only absolute outputs (/tmp/, $HOME) are redirected into it;
+benchmarks (`python -m benchmarks.X`) run at tiny sizes with one repeat. A command
 shown in the docs with an `error: ...` line after it must fail with that line, and an
 `echo $?` after it must show its exit code.
 """
@@ -62,7 +64,8 @@ SKIP = {
 RUNNABLE = {"python", "python3", "jq", "echo", "ls", "cat", "mkdir", "du", "head", "wc", "bash"}
 # Capitalised words that are placeholders for the reader's own values (DIR, BUCKET, ...).
 PLACEHOLDER = re.compile(r"(?<![\w$])(?!HOME\b)[A-Z][A-Z0-9_]*[A-Z](?!\w)")
-OUTPUT_PREFIXES = ("runs/", "/tmp/", "tokenizers/", "~/")
+OUTPUT_PREFIXES = ("/tmp/", "~/")  # absolute outputs; relative ones (runs/, tokenizers/) stay
+# relative, in the scratch checkout the commands run from (_scratch_checkout)
 
 
 @dataclasses.dataclass
@@ -402,7 +405,7 @@ REWRITES = {
 
 
 def _redirect(word: str, tmp: str) -> str:
-  """Outputs under runs/, /tmp/, tokenizers/, ~/ go into tmp (inputs are left alone)."""
+  """Outputs under /tmp/ and ~/ go into tmp (inputs and relative paths are left alone)."""
   def sub(value):
     for prefix in OUTPUT_PREFIXES:
       if value.startswith(prefix):
@@ -459,6 +462,22 @@ def rewrite(cmd: Command, tmp: str):
   return words, env
 
 
+def _scratch_checkout(tmp: str) -> str:
+  """tmp/repo: a symlink to every top-level entry of the checkout except its outputs (runs/,
+  tokenizers/), beside tmp/shared -> the real ../shared, so commands run exactly as typed
+  (relative workdirs included) and write only into tmp."""
+  root = os.path.join(tmp, "repo")
+  os.makedirs(root, exist_ok=True)
+  for name in os.listdir(REPO):
+    if name in ("runs", "tokenizers", ".git") or os.path.lexists(os.path.join(root, name)):
+      continue
+    os.symlink(os.path.join(REPO, name), os.path.join(root, name))
+  shared = os.path.join(os.path.dirname(REPO), "shared")
+  if os.path.isdir(shared) and not os.path.lexists(os.path.join(tmp, "shared")):
+    os.symlink(shared, os.path.join(tmp, "shared"))
+  return root
+
+
 def _runnable_by_file():
   cmds = [c for c in all_commands() if classify(c)[0] == "run"]
   return {f: [c for c in cmds if c.file == f] for f in DOCS if any(c.file == f for c in cmds)}
@@ -477,8 +496,9 @@ _PASSED = set()  # command texts already run successfully (README and docs repea
 def test_documented_commands_run(doc, docs_tmp):
   """Each page in its own directory: its commands may build on each other, not on others'."""
   tmp = os.path.join(docs_tmp, re.sub(r"\W", "_", doc))
-  for sub in ("runs", "tmp", "home", "tokenizers"):
+  for sub in ("tmp", "home"):
     os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+  cwd = _scratch_checkout(tmp)
   failures, last_rc = [], None
   cmds = _runnable_by_file()[doc]
   for n, cmd in enumerate(cmds):
@@ -495,7 +515,7 @@ def test_documented_commands_run(doc, docs_tmp):
       continue  # trained already (in another page's directory) and nothing here reads it
     argv, env = rewrite(cmd, tmp)
     try:
-      r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+      r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
       failures.append(f"{cmd.where}: timed out: {shlex.join(argv)}")
       last_rc = None

@@ -55,7 +55,8 @@ _BUILT = {}  # config json -> (trainer, initial state): building and compiling i
 
 
 def _built(cfg):
-  key = cfg.to_json_best_effort()
+  key = cfg.to_json_best_effort()  # configs differing in checkpoint.* share one build
+  key = json.dumps({k: v for k, v in json.loads(key).items() if k != "checkpoint"})
   if key not in _BUILT:
     trainer = Trainer.build(cfg)
     _BUILT[key] = (trainer, trainer.init_state())
@@ -145,12 +146,12 @@ def test_changed_data_pipeline_is_refused_not_damage(tmp_path):
 
 def test_damaged_checkpoints_are_moved_under_unique_names(tmp_path):
   cfg = _cfg(steps=8)
-  _save(tmp_path, cfg, [2, 4])
+  _save(tmp_path, _cfg(), [2, 4])
   _truncate_arrays(tmp_path / "checkpoints" / "4")
   assert int(_resume(tmp_path, cfg).step) == 2
   assert os.listdir(tmp_path / "checkpoints_damaged") == ["4"]
   # A second damaged checkpoint 4 never replaces the first copy.
-  _save(tmp_path, cfg, [4])
+  _save(tmp_path, _cfg(), [4])
   _truncate_arrays(tmp_path / "checkpoints" / "4")
   assert int(_resume(tmp_path, cfg).step) == 2
   assert sorted(os.listdir(tmp_path / "checkpoints_damaged")) == ["4", "4.2"]
@@ -158,7 +159,7 @@ def test_damaged_checkpoints_are_moved_under_unique_names(tmp_path):
 
 def test_no_readable_checkpoint_stops_and_moves_nothing(tmp_path):
   cfg = _cfg(steps=8)
-  _save(tmp_path, cfg, [2, 4])
+  _save(tmp_path, _cfg(), [2, 4])
   for s in ("2", "4"):
     _truncate_arrays(tmp_path / "checkpoints" / s)
   with pytest.raises(CheckpointError, match="none of the 2 checkpoints"):
@@ -169,8 +170,8 @@ def test_no_readable_checkpoint_stops_and_moves_nothing(tmp_path):
 
 def test_damaged_data_state_falls_back_like_other_damage(tmp_path):
   cfg = _cfg(steps=8)
-  _save(tmp_path, cfg, [2])
-  _save(tmp_path, cfg, [4], data_state={**FakeData().get_state(), "position": "garbage"})
+  _save(tmp_path, _cfg(), [2])
+  _save(tmp_path, _cfg(), [4], data_state={**FakeData().get_state(), "position": "garbage"})
   data = FakeData()
   assert int(_resume(tmp_path, cfg, data=data).step) == 2
   assert data.applied["position"] == 0
@@ -255,7 +256,7 @@ def test_write_failure_is_one_error_naming_step_and_path(tmp_path, monkeypatch, 
 def test_retention_deletes_only_after_a_newer_checkpoint_is_complete(tmp_path):
   cfg = _cfg()
   cfg.checkpoint.keep = 2
-  _save(tmp_path, cfg, [1, 2, 3, 4])
+  _save(tmp_path, cfg, [1, 2, 3, 4])  # (the state is built once per config: _built)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4"]
 
 
@@ -267,6 +268,7 @@ def test_a_nan_never_reaches_a_checkpoint(tmp_path):
   cfg.train.steps, cfg.train.learning_rate, cfg.train.grad_clip = 3, 1e30, 0.0
   cfg.train.warmup_steps = 0
   cfg.checkpoint.every = 1
+  cfg.data.eval_paths = ""
   with pytest.raises(TrainingDiverged, match="diverged"):
     train_and_evaluate(cfg, str(tmp_path))
   steps = [n for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()]
@@ -336,8 +338,8 @@ def test_malformed_sharding_rules_are_refused_on_one_device():
   cfg.sharding.rules = (("embed", "fsdp"), ("mlp",))
   with pytest.raises(ConfigError, match="sharding.rules"):
     validate_config(cfg, num_devices=1, check_files=False)
-  cfg.sharding.rules = "embed=fsdp"
-  with pytest.raises(ConfigError, match="sharding.rules"):
+  cfg.sharding.rules = (("embed", "fsdpp"),)
+  with pytest.raises(ConfigError, match="sharding.rules: 'embed' maps to unknown mesh axis"):
     validate_config(cfg, num_devices=1, check_files=False)
 
 
