@@ -172,7 +172,7 @@ def validate_train(cfg, data_parallel: int) -> None:
   if not isinstance(_get(cfg, "checkpoint.async_save"), bool):
     _fail("checkpoint.async_save", f"must be True or False, got {cfg.checkpoint.async_save!r}")
   init_from = _get(cfg, "checkpoint.init_from")
-  if init_from and not os.path.isdir(init_from):
+  if init_from and "://" not in init_from and not os.path.isdir(os.path.expanduser(init_from)):
     _fail("checkpoint.init_from", f"not a directory: {init_from}")
   _positive_int(cfg, "seed", allow_zero=True)
 
