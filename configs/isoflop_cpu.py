@@ -1,15 +1,26 @@
-"""A small isoFLOP reproduction that runs on two CPU cores: dense, MoE, PKM and PEER at two
-budgets, three sizes each (24 runs), trained on WikiText-2 train, evaluated on WikiText-2 valid
-and the C4 sample.
+"""The small-scale isoFLOP reproduction that two CPU cores can run (docs/reproduction.md).
 
-  python scripts/sweep_isoflop.py --config=configs/isoflop_cpu.py --workdir=/tmp/isoflop_cpu
+  python scripts/sweep_isoflop.py --config=configs/isoflop_cpu.py --workdir=runs/isoflop_cpu
 
-Every run starts from configs/default.py (the quickstart PEER model: 128² experts, 4 heads ×
-top-8, query dim 64, query BN; MoE of 8 experts; PKM of 128² memories, 4 heads × top-8) with
-the width/depth of its size and the budget's step count. With the 32k-piece tokenizer the
-(un)embedding dominates both FLOPs and parameters at these widths, so the sizes are small
-(d_model 32..64) to give each curve a chance of an interior minimum. docs/sweeps.md has the
-measured step times this budget is sized from.
+Dense, MoE, PKM and PEER at three budgets spanning 10× (4e10, 1.3e11, 4e11 training FLOPs),
+five sizes per (budget, architecture) from an eight-size ladder (d_model 16..96; the window
+moves up with the budget, since the optimum moves to larger models), trained on WikiText-2
+train with a 4096-piece SentencePiece model the sweep trains itself (cached in
+WORKDIR/tokenizer), evaluated on WikiText-2 valid and the bundled C4 sample. Phases, all in one command:
+  1. LR sweep: 3e-3, 6e-3, 1.2e-2 at the middle budget and size (d48 × 2), per architecture;
+  2. the main grid, 60 runs at each architecture's chosen LR (4 are LR-sweep runs);
+  3. a second seed for the 3 sizes nearest each curve's minimum on WikiText-2 valid.
+Every finished run writes a small summary to docs/results/isoflop_cpu/runs/ (commit them);
+`--collect_only` regenerates the table and plot from those alone.
+
+Every run starts from configs/default.py (its PEER, MoE and PKM settings, whatever the
+fair-comparison work sets there) with the size's width and depth. Budgets are sized from
+short timing runs on this 2-core machine (docs/sweeps.md): ~3,000-5,400 training tokens/s
+for every architecture at these sizes, ~30-50 s of start-up, compilation and evaluation per
+run under load (~25 s assumed on idle cores). 104 runs in ≤ 100 minutes leave ~45 minutes
+of training, ~11 M tokens in all, which fixes the budgets: runs of 12 to 190 steps of 2,048
+tokens. This is the very-small-budget end of the paper's experiment, not its regime;
+`--dry_run` prints the estimate for other budgets (`--config.budgets=...`).
 """
 
 import ml_collections
@@ -20,24 +31,57 @@ from configs.base import SHARED_DATA
 def get_config():
   c = ml_collections.ConfigDict()
   c.base = "configs/default.py"
-  c.budgets = (6e11, 2e12)  # the paper's 6e18 and 2e19, scaled by 1e-7
+  c.budgets = (4e10, 1.3e11, 4e11)
   c.archs = ("dense", "moe", "pkm", "peer")
   c.sizes = s = ml_collections.ConfigDict()
-  s.pairs = ((32, 2), (48, 2), (64, 3))
+  s.pairs = ((16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (64, 2), (64, 3), (96, 3))  # small first
+  s.windows = ((0, 5), (2, 7), (3, 8))  # sizes of each budget: a slice of pairs
   s.head_dim = 16
   s.d_ff_ratio = 4
   c.arch_overrides = {"dense": {}, "moe": {}, "pkm": {}, "peer": {}}  # configs/default.py's
   c.overrides = {
-      "train": {"batch_size": 8, "seq_len": 128, "learning_rate": 6e-3, "log_every": 10},
-      "data": {"eval_paths": f"wikitext2_valid={SHARED_DATA}/wikitext-2/valid.txt,c4={SHARED_DATA}"
-                             "/c4_en_sample/c4-train.00000-of-01024.first1000.jsonl",
-               "eval_batches": 16},
-      "checkpoint": {"every": 50, "keep": 1},
+      "train": {"batch_size": 16, "seq_len": 128},
+      "data": {"eval_paths": f"wikitext2_valid={SHARED_DATA}/wikitext-2/valid.txt,"
+                             f"c4_sample={SHARED_DATA}/c4_en_sample/"
+                             "c4-train.00000-of-01024.first1000.jsonl"},
+      "checkpoint": {"keep": 1},
   }
-  c.tolerance = 0.03
-  c.min_steps = 20
+  c.tokenizer = tk = ml_collections.ConfigDict()
+  tk.vocab_size = 4096  # trained on data.train_path (WikiText-2 train) on first use
+  tk.train_path = ""    # "": the base config's data.train_path
+  c.lr_sweep = lr = ml_collections.ConfigDict()
+  lr.budget = 1.3e11
+  lr.size = (48, 2)
+  lr.grid = (3e-3, 6e-3, 1.2e-2)
+  # Pin the LR sweep's choice here once it has run ({"dense": 6e-3, ...}); empty: use the
+  # grid's best of the LR-sweep summaries in results_dir (the sweep prints its choice).
+  lr.chosen = {}
+  c.seeds = sd = ml_collections.ConfigDict()
+  sd.extra = 1    # seed 1 ...
+  sd.nearest = 3  # ... for the 3 sizes nearest each fitted minimum (or best run)
+  c.tolerance = 0.05
+  c.min_steps = 10
   c.warmup_fraction = 0.05
+  c.eval_batches = 16
+  c.checkpoint_every = 100
+  c.log_every = 10
   c.flops_key = "total"
   c.fit_x = "params"
+  c.select_eval_set = "wikitext2_valid"
   c.plot_eval_set = "wikitext2_valid"
+  c.results_dir = "docs/results/isoflop_cpu"
+  c.timing = tm = ml_collections.ConfigDict()
+  tm.overhead_s = 25.0
+  tm.tokens_per_sec = {"dense": 4000.0, "moe": 4000.0, "pkm": 3500.0, "peer": 4000.0}
+  c.smoke = {  # --smoke: 1 budget × 2 archs × 3 tiny sizes (10 runs of seconds each)
+      "budgets": (2e8,), "archs": ("dense", "peer"),
+      "sizes": {"pairs": ((16, 1), (16, 2), (32, 1)), "windows": ()},
+      "overrides": {"train": {"batch_size": 4, "seq_len": 32}},
+      "arch_overrides": {"peer": {"model": {"peer": {"num_experts": 16**2, "heads": 2,
+                                                     "top_k": 4, "query_dim": 16}}}},
+      "tokenizer": {"vocab_size": 256},
+      "lr_sweep": {"budget": 2e8, "size": (16, 2), "grid": (3e-3, 1e-2)},
+      "seeds": {"nearest": 1}, "min_steps": 2, "tolerance": 0.2, "eval_batches": 1, "checkpoint_every": 4,
+      "log_every": 1, "results_dir": "",
+  }
   return c

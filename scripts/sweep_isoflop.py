@@ -2,15 +2,23 @@
 """Plan, launch, collect and fit an isoFLOP sweep (docs/sweeps.md).
 
   python scripts/sweep_isoflop.py --config=configs/isoflop_cpu.py --workdir=DIR \\
-      [--dry_run] [--launcher=local|print|gcloud] [--collect_only] [--config.KEY=VALUE ...]
+      [--dry_run] [--launcher=local|print|gcloud] [--collect_only] [--smoke] \\
+      [--results_dir=RESULTS] [--config.KEY=VALUE ...]
 
-Writes DIR/plan.jsonl and DIR/dropped.jsonl; the local launcher trains every run in
-DIR/runs/NAME one after another (skipping finished runs, resuming an interrupted one), then
-writes DIR/results.jsonl, DIR/fits.jsonl, DIR/table.md, DIR/table.csv and DIR/isoflop.png.
-  --dry_run            print the plan as JSON lines (gcloud: print the submissions) and stop
-  --launcher=print     print one scripts/train.py command per run and stop
-  --launcher=gcloud    submit each run to a TPU VM (gcloud compute tpus tpu-vm ssh --worker=all)
-  --collect_only       only collect, fit, tabulate and plot what DIR/runs holds
+The local launcher runs the whole sweep, resumably: it trains the sweep's small tokenizer
+(once, cached in DIR/tokenizer), the LR sweep, the main grid at each architecture's chosen
+LR, then the second seeds at the sizes nearest each curve's minimum, one run after another
+in DIR/runs/NAME (finished runs skipped, an interrupted one resumed), writing each finished
+run's small summary to RESULTS/runs/NAME.json; then RESULTS/table.md, table.csv, fits.json
+and isoflop.png. RESULTS is the config's results_dir (docs/results/isoflop_cpu for the CPU
+sweep), else DIR/results.
+  --dry_run            print the plannable runs as JSON lines and the time estimate; stop
+                       (with --launcher=gcloud: print the submissions instead)
+  --launcher=print     print one scripts/train.py command per run that can run now; stop
+  --launcher=gcloud    submit those runs to TPU VMs (gcloud compute tpus tpu-vm ssh)
+  --collect_only       only fit, tabulate and plot the summaries in RESULTS (no --workdir
+                       needed: a fresh clone regenerates the committed table and plot)
+  --smoke              the sweep config's tiny `smoke` form (results in DIR/results)
 """
 
 import json
@@ -30,13 +38,19 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "Sweep config file (configs/isoflop_*.py).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: plan, runs/NAME, results.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (JSON lines) without training; "
-                             "with --launcher=gcloud print the submissions instead.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: plan, tokenizer, runs/NAME "
+                               "(required except with --collect_only).")
+_RESULTS = flags.DEFINE_string("results_dir", None, "Where summaries, table and plot go "
+                               "(default: the config's results_dir, else WORKDIR/results).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (JSON lines) and the time "
+                             "estimate without training; with --launcher=gcloud print the "
+                             "submissions instead.")
 _LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "print", "gcloud"],
                               "How runs are launched.")
-_COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect, fit, tabulate, plot.")
-flags.mark_flags_as_required(["config", "workdir"])
+_COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only fit, tabulate and plot the "
+                                  "summaries in the results directory.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Run the sweep config's tiny smoke form.")
+flags.mark_flags_as_required(["config"])
 
 
 def say(text: str) -> None:
@@ -56,55 +70,95 @@ class _Stop:
       self.child.send_signal(signal.SIGTERM)
 
 
-def launch_local(runs, base, workdir) -> int:
+def _count(runs, phase):
+  return sum(r.phase == phase for r in runs)
+
+
+def launch_local(sweep_cfg, planner, workdir, results_dir) -> int:
   from peer_jax import sweep
   from peer_jax.metrics import format_duration
   stop = _Stop()
   signal.signal(signal.SIGTERM, stop.handle)
   signal.signal(signal.SIGINT, stop.handle)
   runs_dir = os.path.join(workdir, "runs")
-  status = {r.name: sweep.run_status(os.path.join(runs_dir, r.name), r.steps) for r in runs}
-  todo = [r for r in runs if status[r.name][0] != "done"]
-  total_flops = sum(r.total_flops for r in todo)
-  say(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to train "
-      f"({total_flops:.3g} FLOPs); logs in {runs_dir}/NAME/train.log")
-  done_flops, t_start, failed = 0.0, time.time(), []
-  for i, run in enumerate(todo, 1):
+  base = sweep_cfg.base
+  timing = sweep_cfg.get("timing") or {}
+  sweep.ensure_sweep_tokenizer(sweep_cfg, planner.raw_base, workdir, log=say)
+  state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
+  planned = len(state.all_runs()) + state.seed_pending
+  finished = len(state.done)
+  est0 = sweep.remaining_seconds(state, timing)
+  say(f"sweep: {planned} runs ({len(state.lr_runs)} LR sweep, "
+      f"{len(state.main_runs) - _count(state.main_runs, 'lr')} more main, "
+      f"{len(state.seed_runs) + state.seed_pending} seed), {finished} finished; estimated "
+      f"{format_duration(est0)} to go at the configured rates; logs in "
+      f"{runs_dir}/NAME/train.log, summaries in {results_dir}/runs")
+  t_start, failed = time.time(), set()
+  est_done = wall_done = 0.0
+  n = 0
+  while True:
+    state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
+    todo = [r for r in state.todo() if r.name not in failed]
+    if not todo:
+      break
+    run = todo[0]
+    n += 1
+    left = len(todo) + state.seed_pending + sum(r.provisional for r in state.all_runs()
+                                                if r.name not in state.done)
+    tag = f"[{finished + n}/{planned}]"
     run_dir = os.path.join(runs_dir, run.name)
     os.makedirs(run_dir, exist_ok=True)
-    state, last = status[run.name]
-    what = f"resuming after step {last}" if state == "partial" else "starting"
-    say(f"[{i}/{len(todo)}] {run.name}: {what}; {run.steps} steps, {run.params / 1e6:.2f}M "
-        f"params, {run.total_flops:.3g} FLOPs")
-    cmd = sweep.train_command(run, base, os.path.abspath(run_dir), python=sys.executable)
-    t0 = time.time()
-    with open(os.path.join(run_dir, "train.log"), "a") as log:
-      log.write(f"$ {sweep.shell_join(cmd)}\n")
-      log.flush()
-      stop.child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-      rc = stop.child.wait()
-      stop.child = None
-    if stop.requested:
-      say(f"stopped during {run.name} (its checkpoint is kept); run the same command again "
-          "to resume")
-      return 130
-    final = sweep.final_eval(sweep.read_metrics(os.path.join(run_dir, "metrics.jsonl")),
-                             run.steps)
-    took = time.time() - t0
-    if rc != 0 or final is None:
-      failed.append(run.name)
-      say(f"[{i}/{len(todo)}] {run.name}: FAILED (exit {rc}); see {run_dir}/train.log")
+    status, last = sweep.run_status(run_dir, run.steps)
+    if status != "done":
+      what = f"resuming after step {last}" if status == "partial" else "starting"
+      say(f"{tag} {run.name} ({run.phase}, lr {run.learning_rate:g}, seed {run.seed}): {what}; "
+          f"{run.steps} steps, {run.params / 1e6:.2f}M params, {run.total_flops:.3g} FLOPs")
+      cmd = sweep.train_command(run, base, os.path.abspath(run_dir), python=sys.executable)
+      t0 = time.time()
+      with open(os.path.join(run_dir, "train.log"), "a") as log:
+        log.write(f"$ {sweep.shell_join(cmd)}\n")
+        log.flush()
+        stop.child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        rc = stop.child.wait()
+        stop.child = None
+      if stop.requested:
+        say(f"stopped during {run.name} (its checkpoint is kept); run the same command again "
+            "to resume")
+        return 130
+      took = time.time() - t0
+    else:
+      rc, took = 0, None
+    summary = sweep.make_summary(run, run_dir, base)
+    if rc != 0 or summary is None:
+      failed.add(run.name)
+      say(f"{tag} {run.name}: FAILED (exit {rc}); see {run_dir}/train.log")
       continue
-    done_flops += run.total_flops
-    rate = done_flops / max(time.time() - t_start, 1e-9)
-    eta = (total_flops - done_flops) / rate if rate > 0 else 0.0
-    losses = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in final.items()
-                       if k.endswith("/loss"))
-    say(f"[{i}/{len(todo)}] {run.name}: done in {format_duration(took)} ({losses}); "
-        f"elapsed {format_duration(time.time() - t_start)}, ETA {format_duration(eta)}")
-  if failed:
-    say(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
+    if took is not None:
+      summary["wall_s"] = round(took, 1)
+    sweep.write_summary(results_dir, summary)
+    losses = ", ".join(f"{k} {v['loss']:.3f}" for k, v in summary["eval"].items())
+    if took is None:
+      say(f"{tag} {run.name}: already trained in {run_dir}; summary written ({losses})")
+      continue
+    est_done += sweep.estimate_seconds(run, timing)
+    wall_done += took
+    state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
+    eta = sweep.remaining_seconds(state, timing) * (wall_done / max(est_done, 1e-9))
+    say(f"{tag} {run.name}: done in {format_duration(took)} ({losses}); elapsed "
+        f"{format_duration(time.time() - t_start)}, ETA {format_duration(eta)} "
+        f"(~{left - 1} runs left)")
+  state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
+  for arch, lr in sorted(state.lrs.items()):
+    if state.lr_source.get(arch) == "lr_sweep":
+      say(f"lr_sweep: {arch} chose lr {lr:g}; pin it as lr_sweep.chosen['{arch}'] in the "
+          "sweep config")
+  waiting = [r.name for r in state.all_runs() if r.provisional and r.name not in state.done]
+  if failed or waiting:
+    if failed:
+      say(f"error: {len(failed)} run(s) failed: {', '.join(sorted(failed))}")
+    if waiting:
+      say(f"error: {len(waiting)} run(s) wait for an LR sweep that did not finish")
     return 1
   return 0
 
@@ -139,26 +193,21 @@ def launch_gcloud(runs, base, sweep_cfg, dry_run: bool) -> int:
     th.join()
   bad = sum(rc != 0 for v in rcs.values() for rc in v)
   say(f"gcloud: {len(runs)} submissions, {bad} failed; copy {g.workdir}/runs back into "
-      f"--workdir/runs and rerun with --collect_only")
+      f"--workdir/runs and rerun (finished runs get their summaries; the next phase is "
+      "planned from them)")
   return 1 if bad else 0
 
 
-def collect_and_fit(runs, sweep_cfg, workdir) -> None:
+def harvest(planner, state, workdir, results_dir, base) -> int:
+  """Summaries for runs finished in WORKDIR/runs (e.g. copied back from elsewhere)."""
   from peer_jax import sweep
-  results = sweep.collect(runs, os.path.join(workdir, "runs"))
-  sweep.write_jsonl(os.path.join(workdir, "results.jsonl"), results)
-  say(f"collected {len(results)}/{len(runs)} finished runs")
-  if not results:
-    return
-  fit_x = sweep_cfg.get("fit_x", "params")
-  fits = sweep.fit_sweep(results, fit_x)
-  sweep.write_jsonl(os.path.join(workdir, "fits.jsonl"), fits)
-  md, csv_path = sweep.write_table(fits, workdir)
-  png = sweep.plot_isoflop(results, fits, os.path.join(workdir, "isoflop.png"),
-                           sweep_cfg.get("plot_eval_set") or None, fit_x)
-  say(f"wrote {md}, {csv_path}, {png}")
-  with open(md) as f:
-    say(f.read().rstrip())
+  n = 0
+  for run in state.todo():
+    summary = sweep.make_summary(run, os.path.join(workdir, "runs", run.name), base)
+    if summary is not None:
+      sweep.write_summary(results_dir, summary)
+      n += 1
+  return n
 
 
 def main(argv):
@@ -166,6 +215,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... --dry_run | head` ends quietly
   from peer_jax import sweep
+  from peer_jax.metrics import format_duration
   try:
     sweep_cfg = _CONFIG.value
     sweep_cfg.get("budgets")  # forces the lazy load, which raises a stored load error
@@ -175,40 +225,69 @@ def main(argv):
     return 2
   workdir = _WORKDIR.value
   try:
-    runs, dropped = sweep.plan_sweep(sweep_cfg)
+    if _SMOKE.value:
+      sweep_cfg = sweep.apply_smoke(sweep_cfg)
+    if not workdir and not _COLLECT_ONLY.value:
+      raise sweep.SweepError("--workdir: required (except with --collect_only)")
+    results_dir = sweep.results_dir_of(sweep_cfg, workdir, _RESULTS.value)
+    if _COLLECT_ONLY.value:
+      if not sweep.report(sweep_cfg, results_dir, log=say):
+        say(f"collect: no finished run in {results_dir}/runs yet")
+      return 0
+    planner = sweep.Planner(sweep_cfg, workdir)
+    state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
   except sweep.SweepError as e:
     say(f"error: sweep config: {e}")
     return 2
+  runs = state.all_runs()
   if not runs:
-    say(f"error: sweep config: every candidate was dropped ({len(dropped)}: e.g. "
-        f"{dropped[0]['name']}: {dropped[0]['reason']}); raise the budgets or shrink the sizes")
+    d = planner.dropped
+    say(f"error: sweep config: every candidate was dropped ({len(d)}: e.g. "
+        f"{d[0]['name']}: {d[0]['reason']}); raise the budgets or shrink the sizes")
     return 2
   base = sweep_cfg.base
   try:
     os.makedirs(workdir, exist_ok=True)
     sweep.write_jsonl(os.path.join(workdir, "plan.jsonl"), [r.plan_record() for r in runs])
-    sweep.write_jsonl(os.path.join(workdir, "dropped.jsonl"), dropped)
+    sweep.write_jsonl(os.path.join(workdir, "dropped.jsonl"), planner.dropped)
   except OSError as e:
     say(f"error: --workdir: cannot write to {workdir} ({e.strerror or e})")
     return 2
-  say(f"plan: {len(runs)} runs ({len(dropped)} candidates dropped) in {workdir}/plan.jsonl")
+  timing = sweep_cfg.get("timing") or {}
+  est = sweep.remaining_seconds(state, timing)
+  provisional = sum(r.provisional for r in runs)
+  say(f"plan: {len(runs)} runs now plannable ({_count(runs, 'lr')} LR sweep, "
+      f"{_count(runs, 'main')} main, {_count(runs, 'seed')} seed; {provisional} of them wait "
+      f"for the LR sweep) + {state.seed_pending} seed runs planned once their curves finish; "
+      f"{len(planner.dropped)} candidates dropped; {len(state.done)} finished. Estimated "
+      f"{format_duration(est)} to go on this machine at the configured rates "
+      f"(timing: {timing.get('overhead_s', 30.0):g} s per run + "
+      f"{dict(timing.get('tokens_per_sec') or {}) or '-'} tokens/s, "
+      f"{dict(timing.get('gflops') or {}) or '-'} GFLOP/s). Plan in {workdir}/plan.jsonl")
 
-  if _COLLECT_ONLY.value:
-    collect_and_fit(runs, sweep_cfg, workdir)
+  if _LAUNCHER.value == "gcloud" or _LAUNCHER.value == "print":
+    harvest(planner, state, workdir, results_dir, base)
+    state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
+    todo = state.todo()
+    if _LAUNCHER.value == "gcloud":
+      return launch_gcloud(todo, base, sweep_cfg, _DRY_RUN.value)
+    for r in todo:
+      print(sweep.shell_join(sweep.train_command(r, base, os.path.join(workdir, "runs", r.name))))
+    if provisional or state.seed_pending:
+      say(f"print: {len(todo)} runs can run now; the rest depend on their results: when these "
+          "are finished in WORKDIR/runs, run this again for the next ones")
     return 0
-  if _LAUNCHER.value == "gcloud":
-    return launch_gcloud(runs, base, sweep_cfg, _DRY_RUN.value)
   if _DRY_RUN.value:
     for r in runs:
-      print(json.dumps({k: v for k, v in r.plan_record().items()}))
+      print(json.dumps(r.plan_record()))
     return 0
-  if _LAUNCHER.value == "print":
-    for r in runs:
-      print(sweep.shell_join(sweep.train_command(r, base, os.path.join(workdir, "runs", r.name))))
-    return 0
-  rc = launch_local(runs, base, workdir)
+  rc = launch_local(sweep_cfg, planner, workdir, results_dir)
   if rc in (0, 1):
-    collect_and_fit(runs, sweep_cfg, workdir)
+    try:
+      sweep.report(sweep_cfg, results_dir, log=say)
+    except sweep.SweepError as e:
+      say(f"error: sweep config: {e}")
+      return 2
   return rc
 
 

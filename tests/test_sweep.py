@@ -1,9 +1,13 @@
-"""isoFLOP sweeps: plan arithmetic, run names, CLI output, launch/resume, fit, table and plot."""
+"""isoFLOP sweeps: plan arithmetic, names, phases (LR sweep, main grid, seeds), CLI output,
+launch/resume, summaries, bracketing, fits with seed spread, regeneration of table and plot
+from summaries alone, and (slow) the GPU config's --smoke form end to end."""
 
+import copy
 import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,10 +22,11 @@ from tests.conftest import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "sweep_isoflop.py")
 PLAN_KEYS = {"name", "arch", "budget", "params", "active_params", "flops_per_token", "steps",
-             "tokens", "total_flops"}
+             "tokens", "total_flops", "phase", "seed", "learning_rate"}
 
 
-def tiny_sweep(budgets=(4e9,), archs=("dense", "peer"), pairs=((32, 1), (32, 2))):
+def tiny_sweep(budgets=(4e9,), archs=("dense", "peer"), pairs=((32, 1), (32, 2)), lr_grid=(),
+               seeds=0, nearest=0, lr_size=None):
   c = ml_collections.ConfigDict()
   c.base = "configs/default.py"
   c.budgets = budgets
@@ -37,10 +42,20 @@ def tiny_sweep(budgets=(4e9,), archs=("dense", "peer"), pairs=((32, 1), (32, 2))
                                                 "key_dim": 16}}}}
   c.overrides = {"train": {"batch_size": 4, "seq_len": 32, "log_every": 1},
                  "data": {"eval_batches": 1}}
+  c.lr_sweep = lr = ml_collections.ConfigDict()
+  lr.budget = float(budgets[len(budgets) // 2])
+  lr.size = lr_size or tuple(pairs[len(pairs) // 2])
+  lr.grid = lr_grid
+  lr.chosen = {}
+  c.seeds = sd = ml_collections.ConfigDict()
+  sd.extra = seeds
+  sd.nearest = nearest
   c.tolerance = 0.05
   c.min_steps = 2
   c.checkpoint_every = 2
   c.fit_x = "params"
+  c.select_eval_set = "wikitext2_valid"
+  c.results_dir = ""
   c.gcloud = g = ml_collections.ConfigDict()
   g.tpus = ("tpu-a", "tpu-b")
   g.zone = "us-east5-a"
@@ -51,13 +66,13 @@ def tiny_sweep(budgets=(4e9,), archs=("dense", "peer"), pairs=((32, 1), (32, 2))
   return c
 
 
-def write_sweep_file(path, budgets="(4e9,)", archs="('dense', 'peer')",
-                     pairs="((32, 1), (32, 2))"):
+def write_sweep_file(path, **kw):
+  args = ", ".join(f"{k}={v}" for k, v in kw.items())
   path.write_text(f"""
 from tests.test_sweep import tiny_sweep
 
 def get_config():
-  return tiny_sweep(budgets={budgets}, archs={archs}, pairs={pairs})
+  return tiny_sweep({args})
 """)
   return str(path)
 
@@ -66,6 +81,16 @@ def cli(*args, cwd=REPO, timeout=300):
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
                         timeout=timeout, cwd=cwd, env=env)
+
+
+def fake_summary(run, losses, bpb_per_nat=0.5, experts=None):
+  """A summary as make_summary writes it, with the given eval losses {set: loss}."""
+  rec = {k: v for k, v in run.plan_record().items() if k not in ("overrides", "provisional")}
+  rec.update(summary_version=1, plan_digest=sweep.plan_digest(run), config={},
+             eval={s: {"loss": l, "ppl": math.exp(l), "bpb": l * bpb_per_nat}
+                   for s, l in losses.items()},
+             experts=experts or {}, train={})
+  return rec
 
 
 # ----------------------------------------------------------------------------- planning
@@ -83,11 +108,13 @@ def test_plan_totals_within_tolerance_and_match_flops_py():
     assert abs(r.total_flops / r.budget - 1) <= 0.05, r.name
     run_cfg = sweep.apply_overrides(base, r.overrides)
     assert run_cfg.train.steps == r.steps and run_cfg.model.ffw == r.arch
+    assert run_cfg.seed == 0 and run_cfg.train.learning_rate == base.train.learning_rate
     assert r.flops_per_token == flops_lib.flops_per_token(run_cfg.model, 32, training=True)["total"]
     counts = flops_lib.param_counts(run_cfg.model, 32)
     assert (r.params, r.active_params) == (counts["total"], counts["active"])
-  peer = [r for r in runs if r.arch == "peer"]
-  assert all(r.active_params < r.params for r in peer)
+  assert all(r.active_params < r.params for r in runs if r.arch == "peer")
+  moe = [r for r in runs if r.arch == "moe"]
+  assert moe and all(r.moe_routing for r in moe)  # the MoE's routing is recorded
 
 
 def test_candidates_off_budget_after_rounding_are_dropped():
@@ -106,16 +133,17 @@ def test_candidates_off_budget_after_rounding_are_dropped():
   assert not runs and all("min_steps" in d["reason"] for d in dropped)
 
 
-@pytest.mark.parametrize("budget,arch,d,l,h", [(6e18, "peer", 512, 8, None),
-                                               (2e19, "dense", 1024, 16, 16),
-                                               (1.5e15, "moe", 96, 3, None),
-                                               (2.25e13, "pkm", 64, 2, 4)])
-def test_names_parse_back(budget, arch, d, l, h):
-  name = sweep.run_name(budget, arch, d, l, h)
+@pytest.mark.parametrize("budget,arch,d,l,h,lr,seed", [
+    (6e18, "peer", 512, 8, None, None, 0), (2e19, "dense", 1024, 16, 16, None, 1),
+    (1.5e15, "moe", 96, 3, None, 3e-3, 0), (2.25e13, "pkm", 64, 2, 4, 1.2e-2, 2)])
+def test_names_parse_back(budget, arch, d, l, h, lr, seed):
+  name = sweep.run_name(budget, arch, d, l, h, lr, seed)
   assert sweep.parse_run_name(name) == {"budget": budget, "arch": arch, "d_model": d,
-                                        "num_layers": l, "num_heads": h}
+                                        "num_layers": l, "num_heads": h, "lr": lr,
+                                        "seed": seed}
   assert sweep.run_name(6e18, "peer", 512, 8) == "b6e18_peer_d512_l8"
   assert sweep.run_name(1.5e15, "moe", 96, 3) == "b1p5e15_moe_d96_l3"
+  assert sweep.run_name(1.9e11, "pkm", 48, 2, lr=1.2e-2, seed=1) == "b1p9e11_pkm_d48_l2_lr1p2e-2_s1"
 
 
 def test_bad_names_and_configs_raise_one_line():
@@ -131,31 +159,258 @@ def test_bad_names_and_configs_raise_one_line():
   cfg.overrides = {"train": {"no_such_key": 1}}
   with pytest.raises(sweep.SweepError, match="no_such_key"):
     sweep.plan_sweep(cfg)
+  cfg = tiny_sweep(lr_grid=(1e-3, 2e-3), lr_size=(64, 5))
+  with pytest.raises(sweep.SweepError, match="lr_sweep.size"):
+    sweep.plan_sweep(cfg)
+  cfg = tiny_sweep(lr_grid=(1e-3, -2e-3))
+  with pytest.raises(sweep.SweepError, match="lr_sweep.grid"):
+    sweep.plan_sweep(cfg)
+  cfg = tiny_sweep()
+  cfg.sizes.windows = ((0, 1), (0, 2))  # two windows, one budget
+  with pytest.raises(sweep.SweepError, match="sizes.windows"):
+    sweep.plan_sweep(cfg)
+  cfg = tiny_sweep(seeds=-1)
+  with pytest.raises(sweep.SweepError, match="seeds.extra"):
+    sweep.plan_sweep(cfg)
+  with pytest.raises(sweep.SweepError, match="smoke"):
+    sweep.apply_smoke(tiny_sweep())
+
+
+def test_size_windows_per_budget():
+  cfg = tiny_sweep(budgets=(4e9, 4e10), pairs=((32, 1), (32, 2), (48, 2)))
+  cfg.sizes.windows = ((0, 2), (1, 3))
+  runs, _ = sweep.plan_sweep(cfg)
+  sizes = {(r.budget, r.size) for r in runs if r.arch == "dense"}
+  assert sizes == {(4e9, (32, 1)), (4e9, (32, 2)), (4e10, (32, 2)), (4e10, (48, 2))}
+
+
+def test_tokenizer_setting_points_every_run_at_the_sweep_tokenizer(tmp_path):
+  cfg = tiny_sweep()
+  cfg.tokenizer = {"vocab_size": 512, "train_path": ""}
+  runs, _ = sweep.plan_sweep(cfg, str(tmp_path))
+  for r in runs:
+    assert r.overrides["model.vocab_size"] == 512 and r.vocab_size == 512
+    assert r.overrides["data.tokenizer"].startswith(str(tmp_path / "tokenizer" / "spm_512_"))
+  # The digest does not depend on where the workdir or the data are.
+  other, _ = sweep.plan_sweep(cfg, str(tmp_path / "elsewhere"))
+  assert [sweep.plan_digest(r) for r in runs] == [sweep.plan_digest(r) for r in other]
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def _finish(results_dir, runs, loss_of):
+  for r in runs:
+    sweep.write_summary(results_dir, fake_summary(r, {"wikitext2_valid": loss_of(r)}))
+
+
+def test_lr_sweep_choice_main_grid_reuse_and_seed_picks(tmp_path):
+  rd = str(tmp_path / "res")
+  cfg = tiny_sweep(budgets=(4e10,), pairs=((32, 1), (32, 2), (48, 2), (64, 2)),
+                   lr_grid=(1e-3, 3e-3, 1e-2), seeds=1, nearest=2, lr_size=(32, 2))
+  planner = sweep.Planner(cfg, str(tmp_path))
+  state = sweep.sweep_state(planner, sweep.read_summaries(rd))
+  assert [r.phase for r in state.lr_runs] == ["lr"] * 6 and not state.lrs
+  assert all(r.provisional for r in state.main_runs)
+  assert [r.name for r in state.todo()] == [r.name for r in state.lr_runs]
+  assert state.seed_pending == 2 * 2
+  # The LR sweep finishes: dense is best at 3e-3, PEER at 1e-2.
+  best = {"dense": 3e-3, "peer": 1e-2}
+  _finish(rd, state.lr_runs, lambda r: 5.0 + abs(math.log(r.learning_rate / best[r.arch])))
+  state = sweep.sweep_state(planner, sweep.read_summaries(rd))
+  assert state.lrs == best and state.lr_source == {"dense": "lr_sweep", "peer": "lr_sweep"}
+  main = state.main_runs
+  assert len(main) == 8 and not any(r.provisional for r in main)
+  reused = [r for r in main if r.phase == "lr"]
+  assert {r.name for r in reused} == {"b4e10_dense_d32_l2_lr3e-3", "b4e10_peer_d32_l2_lr1e-2"}
+  assert all(r.learning_rate == best[r.arch] for r in main)
+  assert {r.name for r in state.todo()} == {r.name for r in main} - {r.name for r in reused}
+  # The main grid finishes with a minimum at d48 (params between d32_l2 and d64).
+  target = {a: math.log(next(r.params for r in main if r.arch == a and r.size == (48, 2)))
+            for a in ("dense", "peer")}
+  _finish(rd, [r for r in main if r.phase == "main"],
+          lambda r: 4.0 + 0.1 * (math.log(r.params) - target[r.arch]) ** 2)
+  state = sweep.sweep_state(planner, sweep.read_summaries(rd))
+  assert state.seed_pending == 0 and len(state.seed_runs) == 4
+  for arch in ("dense", "peer"):
+    picked = {r.size for r in state.seed_runs if r.arch == arch}
+    assert (48, 2) in picked and len(picked) == 2
+  assert all(r.seed == 1 and r.name.endswith("_s1") for r in state.seed_runs)
+  assert [r.name for r in state.todo()] == [r.name for r in state.seed_runs]
+  # A pinned LR replaces the measured one, and the runs planned with it change.
+  cfg.lr_sweep.chosen = {"dense": 1e-2}
+  state2 = sweep.sweep_state(sweep.Planner(cfg, str(tmp_path)), sweep.read_summaries(rd))
+  assert state2.lrs["dense"] == 1e-2 and state2.lr_source["dense"] == "config"
+  assert any(r.arch == "dense" and r.phase == "main" for r in state2.todo())
+
+
+def test_summary_of_another_plan_is_not_a_result(tmp_path):
+  rd = str(tmp_path / "res")
+  cfg = tiny_sweep()
+  planner = sweep.Planner(cfg, None)
+  state = sweep.sweep_state(planner, {})
+  _finish(rd, state.main_runs, lambda r: 5.0)
+  assert len(sweep.sweep_state(planner, sweep.read_summaries(rd)).done) == 4
+  cfg.overrides.train.weight_decay = 0.0  # a different plan: same names, other settings
+  state = sweep.sweep_state(sweep.Planner(cfg, None), sweep.read_summaries(rd))
+  assert not state.done and len(state.todo()) == 4
+
+
+# ----------------------------------------------------------------------------- bracketing
+
+
+X = np.log(np.geomspace(1e5, 1e7, 5))
+
+
+@pytest.mark.parametrize("y,status", [
+    (0.1 * (X - X[2] - 0.2) ** 2 + 4.0, "inside"),          # minimum between sizes 3 and 4
+    (0.1 * (X - X[-1] - 1.0) ** 2 + 4.0, "edge"),           # falling: best at the largest size
+    (0.1 * (X - X[0] + 0.5) ** 2 + 4.0, "edge"),            # rising: best at the smallest size
+    (0.1 * (X - X[-1] + 0.1) ** 2 + 4.0 + [0, 0, 0, 0, .02], "edge"),  # min inside, best at end
+    (-0.1 * (X - X[2]) ** 2 + 4.0, "no_minimum"),           # concave
+    (np.full(5, 4.0), "no_minimum"),                         # flat
+])
+def test_bracket_status_on_synthetic_curves(y, status):
+  coeffs, x_min, _ = sweep.fit_parabola(X, y)
+  assert sweep.bracket_status(X, y, coeffs, x_min) == status
+  pts = [{"name": f"r{i}", "params": float(np.exp(x)), "d_model": 16 * (i + 1), "num_layers": 1,
+          "eval": {"v": {"loss": float(v)}}} for i, (x, v) in enumerate(zip(X, y))]
+  fit = sweep.fit_curve(pts, "params", "v")
+  assert fit["status"] == status and fit["bracketed"] == (status == "inside")
+  assert (fit["opt_loss"] is None) == (status != "inside")
+  coeffs, x_min, _ = sweep.fit_parabola(X[:2], y[:2])
+  assert sweep.bracket_status(X[:2], y[:2], coeffs, x_min) == "too_few"
+
+
+def test_parabola_fit_recovers_known_minimum():
+  rng = np.random.default_rng(0)
+  x = np.log(np.geomspace(1e7, 1e9, 7))
+  x0, y0 = math.log(1e8), 3.2
+  y = 0.05 * (x - x0) ** 2 + y0 + rng.normal(0, 1e-4, x.size)
+  _, x_min, y_min = sweep.fit_parabola(x, y)
+  assert x_min == pytest.approx(x0, abs=0.02) and y_min == pytest.approx(y0, abs=1e-3)
+  _, x_min, _ = sweep.fit_parabola(x, -(x - x0) ** 2)
+  assert math.isnan(x_min)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+TRUTH = {"dense": (3e6, 4.0), "moe": (4e6, 3.9), "pkm": (4e6, 3.95), "peer": (5e6, 3.8)}
+
+
+def synthetic_summaries(seed_shift=0.01, unbracketed=("pkm",)):
+  """Main curves loss = 0.08·(ln N − ln N*)² + L* per (budget, arch), 5 sizes; seed 1 at the
+  3 middle sizes, `seed_shift` higher. Archs in `unbracketed` fall monotonically."""
+  out = []
+  for budget, shift in ((1e12, 0.0), (1e13, -0.3)):
+    for arch, (n_opt, l_opt) in TRUTH.items():
+      for i, n in enumerate(np.geomspace(1e6, 2e7, 5)):
+        if arch in unbracketed:
+          loss = 5.0 - 0.05 * math.log(n) + shift
+        else:
+          loss = 0.08 * (math.log(n) - math.log(n_opt)) ** 2 + l_opt + shift
+        for seed in ((0, 1) if 1 <= i <= 3 else (0,)):
+          l = loss + seed_shift * seed
+          out.append({"name": sweep.run_name(budget, arch, 16 * (i + 1), 2, seed=seed),
+                      "arch": arch, "budget": budget, "seed": seed, "phase": "main",
+                      "role": "main" if seed == 0 else "seed", "d_model": 16 * (i + 1),
+                      "num_layers": 2, "params": int(n), "active_params": int(n),
+                      "non_embedding_params": int(n), "tokens": int(budget / (6 * n)),
+                      "moe_routing": "expert_choice" if arch == "moe" else "",
+                      "eval": {"wikitext2_valid": {"loss": l, "ppl": math.exp(l),
+                                                   "bpb": 0.4 * l},
+                               "c4_sample": {"loss": l + 0.1, "ppl": math.exp(l + 0.1),
+                                             "bpb": 0.45 * (l + 0.1)}},
+                      "experts": ({"wikitext2_valid": {"block_1": {"usage": 0.9,
+                                                                   "unevenness": 0.3}}}
+                                  if arch in ("peer", "pkm") else {})})
+  return out
+
+
+def test_analysis_compute_optimal_spread_ratios_and_table(tmp_path):
+  summaries = synthetic_summaries()
+  a = sweep.analyze(summaries, "params")
+  curves = {(c["budget"], c["arch"], c["eval_set"]): c for c in a["curves"]}
+  assert len(curves) == 2 * 4 * 2
+  for (budget, arch, s), c in curves.items():
+    if arch == "pkm":  # never called compute-optimal
+      assert not c["compute_optimal"] and c["opt_ppl"] is None and c["status"] == "edge"
+      continue
+    n_opt, l_opt = TRUTH[arch]
+    l_opt += (-0.3 if budget == 1e13 else 0.0) + (0.1 if s == "c4_sample" else 0.0)
+    assert c["compute_optimal"] and c["n_replicates"] == 2
+    assert c["opt_x"] == pytest.approx(n_opt, rel=1e-3)
+    # Replicate 2 is 0.01 higher at the 3 middle sizes: its minimum ~0.01 higher.
+    assert c["opt_loss"] == pytest.approx(l_opt + 0.005, abs=2e-3)
+    assert c["opt_loss_spread"] == pytest.approx(0.005, abs=2e-3)
+    assert c["opt_ppl_spread"] > 0 and c["seed_noise_loss"] == pytest.approx(0.01 / math.sqrt(2))
+    if s == "wikitext2_valid":  # bpb is proportional to the loss on one eval set
+      assert c["opt_bpb"] == pytest.approx(0.4 * c["opt_loss"])
+  ratios = {(r["budget"], r["arch"], r["eval_set"]): r for r in a["ratios"]}
+  r = ratios[(1e12, "peer", "wikitext2_valid")]
+  assert r["kind"] == "compute_optimal"
+  assert r["ratio"] == pytest.approx(math.exp(3.8 - 4.0), rel=1e-3) and r["spread"] is not None
+  assert ratios[(1e12, "pkm", "wikitext2_valid")]["kind"] == "best_measured"
+  md, csv_path = sweep.write_table(a, str(tmp_path))
+  text = open(md).read()
+  assert "| model | WikiText-2 valid ppl | WikiText-2 valid bpb | WikiText-2 valid curve |" in text
+  assert "MoE (expert choice, non-causal) 1e12" in text
+  assert "| PKM 1e12 | (" in text and "NOT bracketed" in text
+  peer = next(l for l in text.splitlines() if l.startswith("| PEER 1e12 |"))
+  c = curves[(1e12, "peer", "wikitext2_valid")]
+  assert c["opt_ppl"] == pytest.approx(math.exp(3.805), rel=2e-3)
+  assert f"| {c['opt_ppl']:.2f} ± {c['opt_ppl_spread']:.2f} |" in peer and "bracketed" in peer
+  assert "PEER / Dense" in text and "best runs; not bracketed)" in text
+  assert "| PEER 1e12 | WikiText-2 valid | block_1 | 90.0% | 0.300 |" in text
+  rows = list(csv.DictReader(open(csv_path)))
+  assert len(rows) == 16 and {"status", "compute_optimal", "opt_ppl_spread"} <= set(rows[0])
+  png = sweep.plot_isoflop(summaries, a, str(tmp_path / "isoflop.png"), "wikitext2_valid")
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unbracketed_replicate_withholds_the_compute_optimal_value():
+  summaries = synthetic_summaries(unbracketed=())
+  # Seed 1 makes dense's 1e12 curve concave at its middle sizes: no longer bracketed.
+  for s in summaries:
+    if s["arch"] == "dense" and s["budget"] == 1e12 and s["seed"] == 1:
+      s["eval"]["wikitext2_valid"]["loss"] = 20.0 if s["d_model"] == 48 else 10.0
+  a = sweep.analyze(summaries, "params")
+  c = next(c for c in a["curves"] if (c["budget"], c["arch"], c["eval_set"])
+           == (1e12, "dense", "wikitext2_valid"))
+  assert c["status"] == "inside" and c["replicate_status"][1] != "inside"
+  assert not c["compute_optimal"] and c["opt_ppl"] is None
+  assert "NOT bracketed" in sweep.table_markdown(a)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_dry_run_prints_plan_json_lines(tmp_path):
-  cfg_path = write_sweep_file(tmp_path / "sw.py")
+def test_dry_run_prints_plan_json_lines_and_estimate(tmp_path):
+  cfg_path = write_sweep_file(tmp_path / "sw.py", lr_grid=(1e-3, 3e-3), seeds=1, nearest=1)
   out = cli(f"--config={cfg_path}", f"--workdir={tmp_path / 'w'}", "--dry_run")
   assert out.returncode == 0, out.stderr
   lines = [json.loads(l) for l in out.stdout.splitlines()]
-  assert len(lines) == 4 and all(PLAN_KEYS <= set(l) for l in lines)
-  assert {l["name"] for l in lines} == {"b4e9_dense_d32_l1", "b4e9_dense_d32_l2",
-                                        "b4e9_peer_d32_l1", "b4e9_peer_d32_l2"}
+  assert all(PLAN_KEYS <= set(l) for l in lines)
+  names = {l["name"] for l in lines}
+  assert {"b4e9_dense_d32_l2_lr1e-3", "b4e9_dense_d32_l2_lr3e-3", "b4e9_dense_d32_l1",
+          "b4e9_peer_d32_l1"} <= names and len(lines) == 6
+  assert "2 seed runs planned once their curves finish" in out.stderr
+  assert "Estimated" in out.stderr
   assert not (tmp_path / "w" / "runs").exists()
-  assert len((tmp_path / "w" / "plan.jsonl").read_text().splitlines()) == 4
 
 
 def test_bad_sweep_config_exits_2_with_one_line(tmp_path):
   cfg_path = write_sweep_file(tmp_path / "sw.py", archs="('dense', 'mlp')")
   out = cli(f"--config={cfg_path}", f"--workdir={tmp_path / 'w'}", "--dry_run")
   assert out.returncode == 2
-  assert out.stderr.strip().count("\n") == 0 and "archs" in out.stderr, out.stderr
+  assert out.stderr.strip().count("\n") == 0 and "error: sweep config: archs" in out.stderr
   cfg_path = write_sweep_file(tmp_path / "ok.py")
   out = cli(f"--config={cfg_path}", f"--workdir={tmp_path / 'w'}", "--config.budgets=(1.0,)")
   assert out.returncode == 2 and "dropped" in out.stderr and out.stderr.strip().count("\n") == 0
+  out = cli(f"--config={cfg_path}", "--dry_run")
+  assert out.returncode == 2 and "error: sweep config: --workdir" in out.stderr
 
 
 def test_print_and_gcloud_launchers_command_text(tmp_path):
@@ -169,7 +424,7 @@ def test_print_and_gcloud_launchers_command_text(tmp_path):
     assert cmd.startswith("python scripts/train.py --config=configs/default.py "
                           f"--workdir=sweepdir/runs/{run.name} ")
     assert f"--config.train.steps={run.steps} " in cmd
-    assert f"--config.model.ffw={run.arch} " in cmd
+    assert f"--config.model.ffw={run.arch} " in cmd and "--config.seed=0 " in cmd
   out = cli(f"--config={cfg_path}", f"--workdir={tmp_path / 'w'}", "--launcher=gcloud",
             "--dry_run")
   assert out.returncode == 0, out.stderr
@@ -179,27 +434,26 @@ def test_print_and_gcloud_launchers_command_text(tmp_path):
           "'--command=cd peer_jax && ")
   assert sum(s.startswith(head) for s in subs) == 2
   assert sum(" tpu-b " in s for s in subs) == 2
-  for s in subs:
-    assert "'--command=cd peer_jax && python3 scripts/train.py --config=configs/default.py " \
-           "--workdir=runs/sw/runs/b4e9_" in s
   assert not (tmp_path / "w" / "runs").exists()
+  # With an LR sweep, only the LR runs can run first; the rest wait for their results.
+  cfg_path = write_sweep_file(tmp_path / "lr.py", lr_grid=(1e-3, 3e-3))
+  out = cli(f"--config={cfg_path}", "--workdir=sweepdir", "--launcher=print", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  assert len(out.stdout.splitlines()) == 4 and all("_lr" in l for l in out.stdout.splitlines())
+  assert "run this again for the next ones" in out.stderr
 
 
-def test_local_launcher_skips_finished_and_resumes_unfinished(tmp_path):
-  cfg_path = write_sweep_file(tmp_path / "sw.py", budgets="(5e9,)", archs="('dense',)",
-                              pairs="((32, 1), (48, 1))")
-  workdir = tmp_path / "w"
+def test_local_launcher_skips_finished_resumes_unfinished_and_writes_summaries(tmp_path):
+  cfg_path = write_sweep_file(tmp_path / "sw.py", budgets=(5e9,), archs=("dense",),
+                              pairs=((32, 1), (48, 1)))
+  workdir, rd = tmp_path / "w", tmp_path / "res"
   runs, _ = sweep.plan_sweep(tiny_sweep(budgets=(5e9,), archs=("dense",),
                                         pairs=((32, 1), (48, 1))))
   partial, done = runs
   assert partial.steps >= 3
-  # A finished run: its final eval record is there; the launcher must not touch it.
+  # A finished run: its summary is there; the launcher must not touch it.
+  sweep.write_summary(str(rd), fake_summary(done, {"wikitext2_valid": 6.5}))
   done_dir = workdir / "runs" / done.name
-  done_dir.mkdir(parents=True)
-  record = {"step": done.steps, "train/loss": 5.0, "eval/wikitext2_valid/loss": 6.5,
-            "eval/wikitext2_valid/ppl": math.exp(6.5)}
-  (done_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 9.0}) + "\n"
-                                          + json.dumps(record) + "\n")
   # An interrupted run: 2 of its steps done, with a checkpoint (as a killed sweep leaves it).
   part_dir = workdir / "runs" / partial.name
   cfg = sweep.apply_overrides(sweep.load_config_file("configs/default.py"), partial.overrides)
@@ -207,86 +461,109 @@ def test_local_launcher_skips_finished_and_resumes_unfinished(tmp_path):
   train_and_evaluate(cfg, str(part_dir))
   assert sweep.run_status(str(part_dir), partial.steps) == ("partial", 2)
 
-  out = cli(f"--config={cfg_path}", f"--workdir={workdir}")
+  out = cli(f"--config={cfg_path}", f"--workdir={workdir}", f"--results_dir={rd}")
   assert out.returncode == 0, out.stderr
-  assert "2 runs, 1 finished, 1 to train" in out.stderr and "ETA" in out.stderr
-  assert not (done_dir / "train.log").exists()
+  assert "1 finished" in out.stderr and "ETA" in out.stderr
+  assert not done_dir.exists()
   assert "resumed from checkpoint 2" in (part_dir / "train.log").read_text()
   steps = [r["step"] for r in sweep.read_metrics(str(part_dir / "metrics.jsonl"))]
   assert steps == list(range(1, partial.steps + 1))
-  assert sweep.run_status(str(part_dir), partial.steps)[0] == "done"
-  results = [json.loads(l) for l in (workdir / "results.jsonl").read_text().splitlines()]
-  assert [r["name"] for r in results] == [partial.name, done.name]
-  assert results[1]["eval"]["wikitext2_valid"]["loss"] == 6.5
-  assert (workdir / "table.md").exists() and (workdir / "isoflop.png").exists()
+  summary = json.loads((rd / "runs" / f"{partial.name}.json").read_text())
+  assert summary["steps"] == partial.steps and summary["tokens"] == partial.tokens
+  assert summary["total_flops"] == pytest.approx(partial.total_flops)
+  assert {"loss", "ppl", "bpb"} <= set(summary["eval"]["wikitext2_valid"])
+  assert summary["config"]["overrides"]["train.steps"] == partial.steps
+  assert os.path.getsize(rd / "runs" / f"{partial.name}.json") < 8000
+  assert (rd / "table.md").exists() and (rd / "isoflop.png").exists()
   # Started again, nothing is left to train.
-  assert all(sweep.run_status(str(workdir / "runs" / r.name), r.steps)[0] == "done"
-             for r in runs)
+  out = cli(f"--config={cfg_path}", f"--workdir={workdir}", f"--results_dir={rd}")
+  assert out.returncode == 0 and "2 finished" in out.stderr, out.stderr
 
 
-# ----------------------------------------------------------------------------- fitting
-
-
-def test_parabola_fit_recovers_known_minimum():
-  rng = np.random.default_rng(0)
-  x = np.log(np.geomspace(1e7, 1e9, 7))
-  x0, y0 = math.log(1e8), 3.2
-  y = 0.05 * (x - x0) ** 2 + y0 + rng.normal(0, 1e-4, x.size)
-  _, x_min, y_min = sweep.fit_parabola(x, y)
-  assert x_min == pytest.approx(x0, abs=0.02) and y_min == pytest.approx(y0, abs=1e-3)
-  _, x_min, _ = sweep.fit_parabola(x, -(x - x0) ** 2)  # no minimum
-  assert math.isnan(x_min)
-  _, x_min, _ = sweep.fit_parabola(x[:2], y[:2])
-  assert math.isnan(x_min)
-
-
-def fake_results():
-  """Synthetic runs: loss = a·(ln N − ln N*)² + L*, a known minimum per (budget, arch)."""
-  out = []
-  truth = {}
-  for budget, shift in ((1e15, 0.0), (3e15, -0.3)):
-    for arch, (n_opt, l_opt) in {"dense": (3e6, 4.0), "moe": (4e6, 3.9), "pkm": (4e6, 3.95),
-                                 "peer": (5e6, 3.8)}.items():
-      truth[(budget, arch)] = (n_opt * (1 + (budget > 1e15)), l_opt + shift)
-      for n in np.geomspace(1e6, 2e7, 5):
-        loss = 0.08 * (math.log(n) - math.log(truth[(budget, arch)][0])) ** 2 + l_opt + shift
-        out.append({"name": sweep.run_name(budget, arch, int(n // 1e4), 2), "arch": arch,
-                    "budget": budget, "params": int(n), "active_params": int(n),
-                    "non_embedding_params": int(n), "tokens": int(budget / (6 * n)),
-                    "eval": {"wikitext2_valid": {"loss": loss, "ppl": math.exp(loss)},
-                             "c4": {"loss": loss + 0.1, "ppl": math.exp(loss + 0.1)}}})
-  return out, truth
-
-
-def test_fit_table_csv_and_plot_from_fake_results(tmp_path):
-  results, truth = fake_results()
-  fits = sweep.fit_sweep(results, "params")
-  assert len(fits) == 2 * 4 * 2
-  for f in fits:
-    n_opt, l_opt = truth[(f["budget"], f["arch"])]
-    l_opt += 0.1 if f["eval_set"] == "c4" else 0.0
-    assert f["method"] == "fit"
-    assert f["opt_x"] == pytest.approx(n_opt, rel=1e-3)
-    assert f["opt_ppl"] == pytest.approx(math.exp(l_opt), rel=1e-6)
-  md, csv_path = sweep.write_table(fits, str(tmp_path))
-  text = open(md).read()
-  assert "| model | c4 | wikitext2_valid |" in text
-  assert f"| PEER 1e15 | {math.exp(3.9):.2f} | {math.exp(3.8):.2f} |" in text
-  assert "| Dense 3e15 |" in text
-  rows = list(csv.DictReader(open(csv_path)))
-  assert len(rows) == 16 and {"budget", "arch", "eval_set", "opt_ppl"} <= set(rows[0])
-  png = sweep.plot_isoflop(results, fits, str(tmp_path / "isoflop.png"), "wikitext2_valid")
-  with open(png, "rb") as f:
+def test_collect_only_regenerates_table_and_plot_from_summaries_alone(tmp_path):
+  """A fresh clone has only the committed summaries: no workdir, no tokenizer, no runs."""
+  cfg = tiny_sweep(budgets=(4e10, 1.2e11), archs=("dense", "peer"),
+                   pairs=((32, 1), (32, 2), (48, 2), (64, 2), (64, 3)), seeds=1, nearest=3)
+  cfg.tokenizer = {"vocab_size": 512, "train_path": ""}
+  planner = sweep.Planner(cfg, str(tmp_path / "gone"))
+  rd = tmp_path / "committed"
+  state = sweep.sweep_state(planner, {})
+  mid = {(b, a): math.log(next(r.params for r in state.main_runs if r.budget == b
+                               and r.arch == a and r.size == (48, 2)))
+         for b in cfg.budgets for a in cfg.archs}
+  loss = lambda r: 4.0 + 0.1 * (math.log(r.params) - mid[(r.budget, r.arch)]) ** 2 + 0.01 * r.seed
+  _finish(str(rd), state.main_runs, loss)
+  state = sweep.sweep_state(planner, sweep.read_summaries(str(rd)))
+  assert len(state.seed_runs) == 12
+  _finish(str(rd), state.seed_runs, loss)
+  cfg_path = write_sweep_file(tmp_path / "sw.py", budgets=(4e10, 1.2e11),
+                              pairs=((32, 1), (32, 2), (48, 2), (64, 2), (64, 3)), seeds=1,
+                              nearest=3)
+  with open(cfg_path, "a") as f:
+    f.write("\n_g = get_config\ndef get_config():\n  c = _g()\n"
+            "  c.tokenizer = {'vocab_size': 512, 'train_path': ''}\n  return c\n")
+  clone = tmp_path / "clone_results"
+  shutil.copytree(rd, clone)
+  out = cli(f"--config={cfg_path}", "--collect_only", f"--results_dir={clone}", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  assert "32 of this plan's 32 planned runs" in out.stderr
+  text = (clone / "table.md").read_text()
+  assert "| Dense 4e10 |" in text and "| PEER 1.2e11 |" in text and "bracketed" in text
+  assert "NOT bracketed" not in text
+  with open(clone / "isoflop.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert os.path.getsize(png) > 10_000
+  fits = json.loads((clone / "fits.json").read_text())
+  assert all(c["compute_optimal"] and c["n_replicates"] == 2 for c in fits["curves"])
+  assert not (tmp_path / "gone").exists()
+  first = text
+  out = cli(f"--config={cfg_path}", "--collect_only", f"--results_dir={clone}", cwd=tmp_path)
+  assert out.returncode == 0 and (clone / "table.md").read_text() == first  # deterministic
 
 
-def test_fit_falls_back_to_best_point_outside_range():
-  results, _ = fake_results()
-  mono = [dict(r, eval={"v": {"loss": 5.0 - 0.1 * math.log(r["params"])}})
-          for r in results if r["budget"] == 1e15 and r["arch"] == "dense"]
-  mono[2]["eval"]["v"]["loss"] += 1e-3  # a slight curvature with its minimum out of range
-  (fit,) = sweep.fit_sweep(mono, "params")
-  assert fit["method"] == "best_point"
-  assert fit["best_run"] == max(mono, key=lambda r: r["params"])["name"]
-  assert fit["opt_loss"] == pytest.approx(min(r["eval"]["v"]["loss"] for r in mono))
+@pytest.mark.parametrize("name", ["isoflop_cpu", "isoflop_gpu"])
+def test_shipped_sweep_configs_plan_the_full_design(name):
+  cfg = sweep.load_config_file(f"configs/{name}.py")
+  planner = sweep.Planner(cfg, None)
+  state = sweep.sweep_state(planner, {})
+  assert len(cfg.budgets) >= 3 and max(cfg.budgets) / min(cfg.budgets) >= 10
+  for b in cfg.budgets:
+    for a in cfg.archs:
+      assert len([r for r in state.main_runs if r.budget == float(b) and r.arch == a]) >= 5
+  assert len(planner.lr_grid) >= 3 and cfg.seeds.extra >= 1 and cfg.seeds.nearest == 3
+  assert all(r.vocab_size == cfg.tokenizer.vocab_size for r in state.all_runs())
+  assert 4096 <= cfg.tokenizer.vocab_size <= 8192
+  smoke = sweep.apply_smoke(cfg)
+  assert not smoke.results_dir and len(sweep.plan_sweep(smoke)[0]) < 12
+
+
+def test_committed_results_regenerate(tmp_path):
+  """If docs/results/isoflop_cpu holds summaries, --collect_only rebuilds its table from them."""
+  committed = os.path.join(REPO, "docs", "results", "isoflop_cpu")
+  if not os.path.isdir(os.path.join(committed, "runs")) or not os.listdir(
+      os.path.join(committed, "runs")):
+    pytest.skip("the new CPU sweep has not produced summaries yet")
+  clone = tmp_path / "res"
+  shutil.copytree(committed, clone)
+  out = cli("--config=configs/isoflop_cpu.py", "--collect_only", f"--results_dir={clone}")
+  assert out.returncode == 0, out.stderr
+  if os.path.exists(os.path.join(committed, "table.md")):
+    assert (clone / "table.md").read_text() == open(os.path.join(committed, "table.md")).read()
+
+
+@pytest.mark.slow
+def test_gpu_config_smoke_end_to_end(tmp_path):
+  """The GPU sweep's tiny --smoke form on CPU: tokenizer, LR sweep, main grid, seed runs,
+  summaries, table and plot; a second invocation finds everything done."""
+  workdir = tmp_path / "w"
+  out = cli("--config=configs/isoflop_gpu.py", f"--workdir={workdir}", "--smoke", timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rd = workdir / "results"
+  names = sorted(os.listdir(rd / "runs"))
+  assert sum("_lr" in n for n in names) == 4 and sum(n.endswith("_s1.json") for n in names) == 2
+  assert len(names) == 10
+  assert (workdir / "tokenizer").is_dir() and (rd / "table.md").exists()
+  assert (rd / "isoflop.png").exists() and "ETA" in out.stderr
+  summary = json.loads((rd / "runs" / names[0]).read_text())
+  assert summary["vocab_size"] == 256 and "bpb" in summary["eval"]["wikitext2_valid"]
+  out = cli("--config=configs/isoflop_gpu.py", f"--workdir={workdir}", "--smoke")
+  assert out.returncode == 0 and "10 finished" in out.stderr, out.stderr[-2000:]
