@@ -18,7 +18,7 @@ fair-comparison work sets there) with the size's width and depth. Budgets are si
 short timing runs on this 2-core machine (docs/sweeps.md): ~3,000-5,400 training tokens/s
 for every architecture at these sizes, ~30-50 s of start-up, compilation and evaluation per
 run under load (~25 s assumed on idle cores). 104 runs in ≤ 100 minutes leave ~45 minutes
-of training, ~11 M tokens in all, which fixes the budgets: runs of 12 to 190 steps of 2,048
+of training, ~7 M tokens for the LR sweep and main grid, which fixes the budgets: runs of 12 to 190 steps of 2,048
 tokens. This is the very-small-budget end of the paper's experiment, not its regime;
 `--dry_run` prints the estimate for other budgets (`--config.budgets=...`).
 """
