@@ -135,9 +135,13 @@ class Run:
   vocab_size: int = 0
   moe_routing: str = ""
   provisional: bool = False  # planned with an LR the LR sweep has not chosen yet
+  resolved: dict = dataclasses.field(default_factory=dict)  # model/train/data/seed it runs with
 
   def plan_record(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The plan fields (plan.jsonl, --dry_run): all but the resolved config."""
+    out = dataclasses.asdict(self)
+    out.pop("resolved")
+    return out
 
   @property
   def size(self) -> tuple[int, int]:
@@ -410,6 +414,10 @@ class Planner:
                            ("data.eval_batches", "eval_batches")):
       if sweep_key in sweep:
         run_keys[key] = sweep[sweep_key]
+    run_cfg = apply_overrides(self.base, run_keys)
+    resolved = {"seed": run_cfg.seed}
+    for section in ("model", "train", "data"):
+      resolved[section] = {k: _portable(v) for k, v in _flat(run_cfg[section].to_dict()).items()}
     return Run(name=name, arch=arch, budget=float(budget), params=counts["total"],
                active_params=counts["active"], non_embedding_params=counts["non_embedding"],
                flops_per_token=fpt, steps=steps, tokens=steps * tokens_per_step,
@@ -419,7 +427,7 @@ class Planner:
                vocab_size=int(cfg.model.vocab_size),
                moe_routing=(cfg.model.moe.get("routing", "expert_choice")
                             if arch == "moe" else ""),
-               provisional=provisional)
+               provisional=provisional, resolved=resolved)
 
   def _size(self, d_l) -> tuple:
     return next(s for s in self.grid if s[:2] == tuple(d_l))
@@ -606,11 +614,22 @@ def _portable(value):
   return value
 
 
+_NOT_DIGESTED = ("train.log_every", "train.eval_every", "data.prefetch", "data.num_threads")
+
+
 def plan_digest(run: Run) -> str:
-  """A digest of everything the sweep sets for this run (paths made portable): a summary
-  whose digest differs was made by another plan and is not a result of this one."""
-  keys = {k: _portable(v) for k, v in sorted(run.overrides.items()) if k != "train.log_every"
-          and k != "checkpoint.every"}
+  """A digest of the model, train and data settings the run trains with (the base config's
+  included; paths made portable; logging and input-pipeline threading left out): a summary
+  whose digest differs was made by another plan or another base config, and is not a
+  result of this one."""
+  if run.resolved:
+    keys = {"seed": run.resolved["seed"]}
+    for section in ("model", "train", "data"):
+      keys.update({f"{section}.{k}": v for k, v in run.resolved[section].items()
+                   if f"{section}.{k}" not in _NOT_DIGESTED})
+  else:
+    keys = {k: _portable(v) for k, v in run.overrides.items()
+            if k not in _NOT_DIGESTED and not k.startswith("checkpoint.")}
   return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -640,7 +659,8 @@ def make_summary(run: Run, run_dir: str, base: str) -> dict[str, Any] | None:
   rec = {k: v for k, v in run.plan_record().items() if k not in ("overrides", "provisional")}
   rec.update({
       "summary_version": SUMMARY_VERSION, "plan_digest": plan_digest(run),
-      "config": {"base": base, "overrides": {k: _portable(v) for k, v in run.overrides.items()}},
+      "config": {"base": base, "overrides": {k: _portable(v) for k, v in run.overrides.items()},
+                 "resolved": run.resolved},
       "eval": evals, "experts": experts, "train": train,
   })
   return rec

@@ -251,9 +251,17 @@ def test_summary_of_another_plan_is_not_a_result(tmp_path):
   state = sweep.sweep_state(planner, {})
   _finish(rd, state.main_runs, lambda r: 5.0)
   assert len(sweep.sweep_state(planner, sweep.read_summaries(rd)).done) == 4
-  cfg.overrides.train.weight_decay = 0.0  # a different plan: same names, other settings
+  # Another base config that resolves to the same runs (dense.py = default.py but model.ffw,
+  # which every run sets) leaves the results valid ...
+  cfg.base = "configs/dense.py"
+  assert len(sweep.sweep_state(sweep.Planner(cfg, None), sweep.read_summaries(rd)).done) == 4
+  # ... a setting that changes what the runs train with does not (same names).
+  cfg.overrides.train.weight_decay = 0.0
   state = sweep.sweep_state(sweep.Planner(cfg, None), sweep.read_summaries(rd))
   assert not state.done and len(state.todo()) == 4
+  cfg.overrides.train.weight_decay = 0.1
+  cfg.overrides.model = {"rope_theta": 500.0}  # a base-config default changing
+  assert not sweep.sweep_state(sweep.Planner(cfg, None), sweep.read_summaries(rd)).done
 
 
 # ----------------------------------------------------------------------------- bracketing
