@@ -1,6 +1,7 @@
 """Input pipeline: exact resume, no token lost or repeated, host sharding, mixtures,
 bad input, tokenizer training, ArrayRecord (TFDS) round trip, evaluation batches."""
 
+import glob
 import gzip
 import itertools
 import json
@@ -301,6 +302,13 @@ def test_prepare_arrayrecord_round_trip(tmp_path, tok):
   by_name = S.open_source(S.parse_sources("tfds:c4_sample")[0], tfds_data_dir=str(tmp_path / "tfds"))
   assert len(by_dir) == len(by_name) == len(local) == 1000
   assert list(by_dir[:]) == local and by_name[999] == local[999]
+  # The fast converter (--workers) writes byte for byte the records TFDS writes.
+  from array_record.python import array_record_module
+  from peer_jax.data.prepare import example_bytes
+  reader = array_record_module.ArrayRecordReader(
+      os.path.join(out, "c4_sample-train.array_record-00000-of-00002"))
+  n = reader.num_records()
+  assert [example_bytes(d) for d in local[:n]] == reader.read(list(range(n)))
   valid = S.open_source(S.parse_sources(f"{out}[validation]")[0])
   assert list(valid[:]) == S.read_file_documents(WIKI_VALID, "lines")
   # Training from ArrayRecord equals training from the file, and resumes exactly.
@@ -369,3 +377,68 @@ def test_text_data_iterator_and_global_batch_still_work(tok):
   nxt = next(it)
   it.set_state(state)
   _assert_same([next(it)], [nxt])
+
+
+def test_parallel_conversion_resumes_and_equals_the_sequential_one(tmp_path):
+  from peer_jax.data.prepare import prepare_dataset_parallel
+  from tests.test_streaming import make_corpus
+  make_corpus(str(tmp_path / "in"), 4, (20, 30))
+  bad = tmp_path / "in" / "part-00002.json.gz"
+  good = bad.read_bytes()
+  bad.write_bytes(gzip.compress(b'{"text": "fine"}\n{"body": "no text"}\n'))
+  messages = []
+  with pytest.raises(DataError, match=r"part-00002.json.gz: line 2: .*no 'text' field"):
+    prepare_dataset_parallel("par", {"train": [f"{tmp_path}/in/*"]}, str(tmp_path / "out"),
+                             workers=1, progress=messages.append)
+  parts = tmp_path / "out" / "par" / "1.0.0.parts"
+  assert sorted(f for f in os.listdir(parts) if f.endswith(".json")) == [
+      "train-00000.array_record.json", "train-00001.array_record.json"]
+  bad.write_bytes(good)  # fixed: the rerun converts only what is left
+  messages.clear()
+  out = prepare_dataset_parallel("par", {"train": [f"{tmp_path}/in/*"]}, str(tmp_path / "out"),
+                                 workers=1, progress=messages.append)
+  assert messages[0] == "4 input files, 2 already converted (resuming)"
+  assert not parts.exists()
+  records = S.open_source(S.parse_sources(out)[0])
+  assert list(records[:]) == S.read_file_documents(f"{tmp_path}/in/*", "lines")
+  assert len(records) == sum(len(S.read_file_documents(f, "lines"))
+                             for f in sorted(glob.glob(f"{tmp_path}/in/*")))
+  with pytest.raises(DataError, match="already exists"):
+    prepare_dataset_parallel("par", {"train": [f"{tmp_path}/in/*"]}, str(tmp_path / "out"),
+                             workers=1)
+
+
+@pytest.mark.slow
+def test_prepare_data_script_in_parallel_and_its_bad_flags(tmp_path):
+  import subprocess
+  import sys
+  from tests.test_streaming import make_corpus
+  make_corpus(str(tmp_path / "in"), 4, (20, 30))
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "scripts", "prepare_data.py")
+
+  def run(*args):
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          timeout=600)
+
+  ok = run("--name=par", f"--output_dir={tmp_path}/out", f"--train={tmp_path}/in/*",
+           "--workers=2")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  records = S.open_source(S.parse_sources(f"{tmp_path}/out/par/1.0.0")[0])
+  assert list(records[:]) == S.read_file_documents(f"{tmp_path}/in/*", "lines")
+  (tmp_path / "afile").write_text("x")
+  for args, message in [
+      (["--name=Bad"], "error: command line: --name=Bad: use lower_case"),
+      ([f"--output_dir={tmp_path}/afile"], "--output_dir=.*afile: is a file"),
+      (["--version=1.0"], "--version=1.0: not a version of the form x.y.z"),
+      (["--num_shards=0"], "--num_shards=0: must be >= 1"),
+      (["--workers=-1"], "--workers=-1: must be >= 0"),
+      ([f"--train={tmp_path}/none/*.gz"], "--train=.*: no file matches"),
+  ]:
+    base = {"name": "--name=x", "output_dir": f"--output_dir={tmp_path}/o2",
+            "train": f"--train={tmp_path}/in/*"}
+    for a in args:
+      base[a.split("=")[0][2:]] = a
+    r = run(*base.values(), *[a for a in args if a.split("=")[0][2:] not in base])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert __import__("re").search(message, r.stderr), r.stderr
