@@ -468,9 +468,11 @@ class Planner:
         provisional = lr is None and bool(self.lr_grid)
         lr = self.default_lr if lr is None else lr
         for size in budget_sizes(self.sweep, bi):
-          reuse = (self.lr_grid and float(budget) == float(ls.budget)
-                   and tuple(size[:2]) == tuple(ls.size) and any(
-                       math.isclose(lr, g, rel_tol=1e-9) for g in self.lr_grid))
+          at_lr_point = (bool(self.lr_grid) and float(budget) == float(ls.budget)
+                         and tuple(size[:2]) == tuple(ls.size))
+          if at_lr_point and provisional:
+            continue  # this point will be the LR run of the LR the sweep chooses
+          reuse = at_lr_point and any(math.isclose(lr, g, rel_tol=1e-9) for g in self.lr_grid)
           run = self.make_run(budget, arch, size, lr=lr, phase="lr" if reuse else "main",
                               lr_in_name=bool(reuse), provisional=provisional)
           if run is not None:

@@ -254,16 +254,19 @@ def main(argv):
     say(f"error: --workdir: cannot write to {workdir} ({e.strerror or e})")
     return 2
   timing = sweep_cfg.get("timing") or {}
-  est = sweep.remaining_seconds(state, timing)
   provisional = sum(r.provisional for r in runs)
+  if timing:
+    est = (f"Estimated {format_duration(sweep.remaining_seconds(state, timing))} to go at the "
+           f"configured rates (timing: {timing.get('overhead_s', 30.0):g} s per run + "
+           f"{dict(timing.get('tokens_per_sec') or {}) or '-'} tokens/s, "
+           f"{dict(timing.get('gflops') or {}) or '-'} GFLOP/s)")
+  else:
+    est = "No time estimate (the config has no timing section)"
   say(f"plan: {len(runs)} runs now plannable ({_count(runs, 'lr')} LR sweep, "
       f"{_count(runs, 'main')} main, {_count(runs, 'seed')} seed; {provisional} of them wait "
       f"for the LR sweep) + {state.seed_pending} seed runs planned once their curves finish; "
-      f"{len(planner.dropped)} candidates dropped; {len(state.done)} finished. Estimated "
-      f"{format_duration(est)} to go on this machine at the configured rates "
-      f"(timing: {timing.get('overhead_s', 30.0):g} s per run + "
-      f"{dict(timing.get('tokens_per_sec') or {}) or '-'} tokens/s, "
-      f"{dict(timing.get('gflops') or {}) or '-'} GFLOP/s). Plan in {workdir}/plan.jsonl")
+      f"{len(planner.dropped)} candidates dropped; {len(state.done)} finished. {est}. "
+      f"Plan in {workdir}/plan.jsonl")
 
   if _LAUNCHER.value == "gcloud" or _LAUNCHER.value == "print":
     harvest(planner, state, workdir, results_dir, base)
