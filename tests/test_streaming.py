@@ -445,3 +445,26 @@ def test_bad_specs_fail_at_validation(tmp_path):
   cfg.data.shuffle_buffer = 0
   with pytest.raises(ConfigError, match=r"data.shuffle_buffer: must be an integer >= 1"):
     validate(cfg)
+
+
+def test_skipped_records_are_counted_in_the_state(tmp_path, tok):
+  d = _bad_corpus(tmp_path, "zz-notext.jsonl", b'{"text": "ok"}\n{"body": "x"}\n{"id": 3}\n')
+  cfg = _cfg(d, shuffle=False, bad_records="skip", prefetch=0)
+  it = P.make_train_iterator(cfg, tok, batch_size=1, seq_len=64, seed=0, shard_count=1)
+  assert it.skipped_records() == 0
+  _take(it, 60)  # several epochs of this small corpus: 2 bad records each
+  n = it.skipped_records()
+  assert n >= 2 and n % 2 == 0
+  resumed = P.make_train_iterator(cfg, tok, batch_size=1, seq_len=64, seed=0, shard_count=1)
+  resumed.set_state(it.get_state())
+  assert resumed.skipped_records() == n
+
+
+def test_a_state_from_another_pipeline_is_a_refusal_not_damage(corpus, tok):
+  from peer_jax.config_validation import ConfigError
+  d, _ = corpus
+  it = P.make_train_iterator(_cfg(d), tok, batch_size=4, seq_len=32, seed=0, shard_count=1)
+  for bad in ({"format": "peer_jax.data/1", "grain": {}},
+              {**it.get_state(), "fingerprint": {"seed": 1}}):
+    with pytest.raises(ConfigError, match="cannot resume exactly"):
+      it.set_state(bad)

@@ -272,6 +272,33 @@ def _close_live_iterators():
   gc.collect()
 
 
+_REFUSAL = None
+
+
+def _refusal(message: str) -> DataError:
+  """A saved state this pipeline will not resume from (another format, pipeline or lane
+  layout): a DataError that is also a ConfigError, so a checkpoint restore takes it for a
+  refusal to name, never for damage."""
+  global _REFUSAL
+  if _REFUSAL is None:
+    from peer_jax.config_validation import ConfigError
+
+    class DataStateRefused(DataError, ConfigError):
+      """The saved data state belongs to another pipeline: refused, not damaged."""
+
+    _REFUSAL = DataStateRefused
+  return _REFUSAL(message)
+
+
+def _sum_skipped(state) -> int:
+  if isinstance(state, dict):
+    own = state.get("skipped", 0) if isinstance(state.get("skipped", 0), int) else 0
+    return own + sum(_sum_skipped(v) for k, v in state.items() if k != "skipped")
+  if isinstance(state, list):
+    return sum(_sum_skipped(v) for v in state)
+  return 0
+
+
 def _lane_span(lanes) -> str:
   lanes = sorted(int(l) for l in lanes)
   if not lanes:
@@ -318,23 +345,28 @@ class DataIterator:
       found = state.get("format") if isinstance(state, dict) else type(state).__name__
       hint = (f" ({state['message']})" if isinstance(state, dict) and state.get("message")
               else "")
-      raise DataError(f"not a peer_jax data iterator state of format {STATE_FORMAT!r} "
-                      f"(found format {found!r}{hint}); it cannot resume exactly")
+      raise _refusal(f"not a peer_jax data iterator state of format {STATE_FORMAT!r} "
+                     f"(found format {found!r}{hint}); it cannot resume exactly")
     saved = state["fingerprint"]
     if saved != self._fingerprint:
       diff = {k: (saved.get(k), self._fingerprint.get(k))
               for k in set(saved) | set(self._fingerprint) if saved.get(k) != self._fingerprint.get(k)}
-      raise DataError(f"the saved data iterator state belongs to a different pipeline "
-                      f"(saved vs now: {diff}); it cannot resume exactly")
+      raise _refusal(f"the saved data iterator state belongs to a different pipeline "
+                     f"(saved vs now: {diff}); it cannot resume exactly")
     lanes = state.get("lanes") or {}
     missing = [l for l in self.lanes if str(l) not in lanes]
     if missing:
-      raise DataError(
+      raise _refusal(
           f"the saved data iterator state holds rows {_lane_span(lanes)} of the global batch "
           f"(saved by {state.get('processes', '?')} processes); process {self.shard[0]} of "
           f"{self.shard[1]} now needs rows {_lane_span(self.lanes)}. A resume on another "
           f"process count needs every process's state (merge_process_states)")
     self._it.set_state(_from_json({"lanes": {str(l): lanes[str(l)] for l in self.lanes}}))
+
+  def skipped_records(self) -> int:
+    """Bad records skipped so far by this process's lanes (`data.bad_records=skip`), as of
+    the last batch returned; 0 in the default `error` mode."""
+    return _sum_skipped(self.get_state()["lanes"])
 
   def close(self) -> None:
     """Stop the prefetch thread; the iterator cannot be used afterwards."""
