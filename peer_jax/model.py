@@ -43,6 +43,18 @@ def expert_layer_indices(ffw_layers: str, num_layers: int) -> tuple[int, ...]:
   return layers
 
 
+def is_causal(cfg) -> bool:
+  """Whether the model's output at position t depends only on tokens <= t (in eval mode;
+  in training, query batch-norm pools statistics over the whole batch, as in the paper).
+
+  Expert-choice MoE ranks each expert's tokens over the whole sequence, so it is not.
+  """
+  from peer_jax.layers.moe import CAUSAL_ROUTINGS
+  if cfg.ffw == "moe" and expert_layer_indices(cfg.ffw_layers, cfg.num_layers):
+    return cfg.moe.get("routing", "expert_choice") in CAUSAL_ROUTINGS
+  return True
+
+
 def make_ffw(cfg, kind: str, *, rngs: nnx.Rngs, dtype, out_scale: float) -> nnx.Module:
   """The FFW layer of one block, built from the `model` config section."""
   d = cfg.d_model
