@@ -468,3 +468,35 @@ def test_a_state_from_another_pipeline_is_a_refusal_not_damage(corpus, tok):
               {**it.get_state(), "fingerprint": {"seed": 1}}):
     with pytest.raises(ConfigError, match="cannot resume exactly"):
       it.set_state(bad)
+
+
+def test_plain_and_text_shards_resume_by_byte_offset(tmp_path, tok):
+  """Uncompressed shards are resumed by seeking to the saved byte offset."""
+  lines = _lines()
+  d = tmp_path / "plain"
+  d.mkdir()
+  for i in range(6):
+    (d / f"p{i}.jsonl").write_text("".join(json.dumps({"text": f"plain {i}.{j} {lines[i * 40 + j]}"})
+                                           + "\n" for j in range(40)))
+    (d / f"t{i}.txt").write_text("".join(f"text {i}.{j} {lines[j]}\n\n" for j in range(30)))
+  cfg = _cfg(str(d), shuffle_buffer=5)
+  kw = dict(batch_size=2, seq_len=32, seed=4, shard_count=1)
+  expected = _take(P.make_train_iterator(cfg, tok, **kw), 40)
+  it = P.make_train_iterator(cfg, tok, **kw)
+  _take(it, 17)
+  state = it.get_state()
+  assert any(l["parent_state"]["start"][3] > 0 for l in state["lanes"].values())  # mid-shard
+  resumed = P.make_train_iterator(cfg, tok, **kw)
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 23), expected[17:])
+
+
+@pytest.mark.parametrize("text_format", ["lines", "paragraphs"])
+def test_streamed_documents_equal_the_in_memory_ones(tmp_path, text_format):
+  from peer_jax.data.sources import read_file_documents
+  path = tmp_path / "x.txt.gz"
+  body = "first doc\nstill first\n\nsecond doc\n\n\nthird\n  \nfourth\n"
+  path.write_bytes(gzip.compress(body.encode()))
+  src = ST.StreamSource(str(path), text_format=text_format)
+  assert list(src) == read_file_documents(str(path), text_format)
+  assert ST.lane_documents(src, [0], 1, seed=0, shuffle=False) == list(src)
