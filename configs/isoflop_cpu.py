@@ -2,7 +2,7 @@
 
   python scripts/sweep_isoflop.py --config=configs/isoflop_cpu.py --workdir=runs/isoflop_cpu
 
-Dense, MoE, PKM and PEER at three budgets spanning 10× (4e10, 1.3e11, 4e11 training FLOPs),
+Dense, MoE, PKM and PEER at three budgets spanning 10× (5e10, 1.6e11, 5e11 training FLOPs),
 five sizes per (budget, architecture) from an eight-size ladder (d_model 16..96; the window
 moves up with the budget, since the optimum moves to larger models), trained on WikiText-2
 train with a 4096-piece SentencePiece model the sweep trains itself (cached in
@@ -15,12 +15,15 @@ Every finished run writes a small summary to docs/results/isoflop_cpu/runs/ (com
 
 Every run starts from configs/default.py (its PEER, MoE and PKM settings, whatever the
 fair-comparison work sets there) with the size's width and depth. Budgets are sized from
-short timing runs on this 2-core machine (docs/sweeps.md): ~3,000-5,400 training tokens/s
-for every architecture at these sizes, ~30-50 s of start-up, compilation and evaluation per
-run under load (~25 s assumed on idle cores). 104 runs in ≤ 100 minutes leave ~45 minutes
-of training, ~7 M tokens for the LR sweep and main grid, which fixes the budgets: runs of 12 to 190 steps of 2,048
-tokens. This is the very-small-budget end of the paper's experiment, not its regime;
-`--dry_run` prints the estimate for other budgets (`--config.budgets=...`).
+short timing runs on this 2-core machine (docs/reproduction.md): ~3,000-5,400 training
+tokens/s for every architecture at these sizes; ~30-50 s of start-up, compilation and
+evaluation per run under load, of which the persistent compilation cache saves ~60 % when
+a size's programs are already compiled (a repeated run: 102 s -> 40 s at load 10). With
+~25 s per uncached run on idle cores, ~18 s on average, 104 runs leave ~60 minutes of
+training in 100: ~9 M tokens for the LR sweep and main grid, which fixes the budgets at
+runs of 13 to 237 steps of 2,048 tokens. This is the very-small-budget end of the paper's
+experiment, not its regime; `--dry_run` prints the estimate for other budgets
+(`--config.budgets=...`).
 """
 
 import ml_collections
@@ -31,7 +34,7 @@ from configs.base import SHARED_DATA
 def get_config():
   c = ml_collections.ConfigDict()
   c.base = "configs/default.py"
-  c.budgets = (4e10, 1.3e11, 4e11)
+  c.budgets = (5e10, 1.6e11, 5e11)
   c.archs = ("dense", "moe", "pkm", "peer")
   c.sizes = s = ml_collections.ConfigDict()
   s.pairs = ((16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (64, 2), (64, 3), (96, 3))  # small first
@@ -50,7 +53,7 @@ def get_config():
   tk.vocab_size = 4096  # trained on data.train_path (WikiText-2 train) on first use
   tk.train_path = ""    # "": the base config's data.train_path
   c.lr_sweep = lr = ml_collections.ConfigDict()
-  lr.budget = 1.3e11
+  lr.budget = 1.6e11
   lr.size = (48, 2)
   lr.grid = (3e-3, 6e-3, 1.2e-2)
   # Pin the LR sweep's choice here once it has run ({"dense": 6e-3, ...}); empty: use the
@@ -70,8 +73,9 @@ def get_config():
   c.select_eval_set = "wikitext2_valid"
   c.plot_eval_set = "wikitext2_valid"
   c.results_dir = "docs/results/isoflop_cpu"
+  c.compilation_cache = True  # WORKDIR/jax_cache, shared by every run
   c.timing = tm = ml_collections.ConfigDict()
-  tm.overhead_s = 25.0
+  tm.overhead_s = 18.0  # ~25 s uncached; less once a size's programs are cached
   tm.tokens_per_sec = {"dense": 4000.0, "moe": 4000.0, "pkm": 3500.0, "peer": 4000.0}
   c.smoke = {  # --smoke: 1 budget × 2 archs × 3 tiny sizes (10 runs of seconds each)
       "budgets": (2e8,), "archs": ("dense", "peer"),

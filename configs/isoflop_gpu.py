@@ -65,6 +65,7 @@ def get_config():
   c.select_eval_set = "wikitext2_valid"
   c.plot_eval_set = "wikitext2_valid"
   c.results_dir = "docs/results/isoflop_gpu"
+  c.compilation_cache = True
   c.timing = tm = ml_collections.ConfigDict()
   tm.overhead_s = 15.0
   tm.gflops = {"dense": 150e3, "moe": 120e3, "pkm": 100e3, "peer": 100e3}

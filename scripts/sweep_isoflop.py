@@ -84,6 +84,13 @@ def launch_local(sweep_cfg, planner, workdir, results_dir) -> int:
   base = sweep_cfg.base
   timing = sweep_cfg.get("timing") or {}
   sweep.ensure_sweep_tokenizer(sweep_cfg, planner.raw_base, workdir, log=say)
+  env = dict(os.environ)
+  if sweep_cfg.get("compilation_cache"):
+    # One persistent XLA cache for every run: the eval step of a size is shared by its
+    # budgets and seeds, and a seed run's train step is its seed-0 run's.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(workdir),
+                                                             "jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
   planned = len(state.all_runs()) + state.seed_pending
   finished = len(state.done)
@@ -119,7 +126,7 @@ def launch_local(sweep_cfg, planner, workdir, results_dir) -> int:
         log.write(f"$ {sweep.shell_join(cmd)}\n")
         log.flush()
         stop.child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+                                      start_new_session=True, env=env)
         rc = stop.child.wait()
         stop.child = None
       if stop.requested:
