@@ -130,9 +130,32 @@ def flatten_config(node, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-  """(key, saved value, current value) for every key that differs."""
+  """(key, saved value, current value) for every key that differs.
+
+  A key the saved config does not have (added to configs/base.py since) counts as changed
+  only if its value is not the default; a key the current config no longer has (removed
+  from the code) is not a change: it no longer means anything.
+  """
   a, b = flatten_config(saved), flatten_config(current)
-  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  defaults = _base_defaults()
+  out = []
+  for k in sorted(set(a) | set(b)):
+    if k not in b:
+      continue
+    if k not in a and k in defaults and defaults[k] == b[k]:
+      continue
+    if a.get(k) != b.get(k):
+      out.append((k, a.get(k), b.get(k)))
+  return out
+
+
+def _base_defaults() -> dict[str, Any]:
+  """Flat defaults of configs/base.py, when it can be imported (scripts and tests can)."""
+  try:
+    from configs import base
+    return flatten_config(json.loads(base.get_config().to_json_best_effort()))
+  except Exception:  # noqa: BLE001  (no configs package on the path: compare as is)
+    return {}
 
 
 def _matches(key: str, prefixes) -> bool:
@@ -583,14 +606,23 @@ def check_writable(workdir: str) -> None:
   """Fail at once, with the path, when the workdir cannot be written."""
   if "://" in workdir:
     return
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+  for folder in (workdir, os.path.join(workdir, "checkpoints")):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+      raise CheckpointError(f"workdir {workdir}: {folder} is a file, not a directory")
+    if folder != workdir and not os.path.isdir(folder):
+      continue
+    try:
+      os.makedirs(folder, exist_ok=True)
+      probe = os.path.join(folder, f".write_test_{jax.process_index()}_{os.getpid()}")
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      err = CheckpointError(f"workdir {workdir} is not writable ({folder}: "
+                            f"{e.strerror or e})")
+      if e.errno == 28:  # ENOSPC: a write failure, not a bad path
+        err.exit_code = 4
+      raise err from None
 
 
 _check_writable = check_writable  # older name

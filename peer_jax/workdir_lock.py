@@ -80,7 +80,9 @@ class WorkdirLock:
         self._take_over_if_stale()  # raises when the lock is held
         continue
       except OSError as e:
-        raise WorkdirError(f"cannot create the lock {self.path}: {e.strerror or e}") from None
+        err = WorkdirError(f"cannot create the lock {self.path}: {e.strerror or e}")
+        err.exit_code = 4 if e.errno == errno.ENOSPC else 2
+        raise err from None
       self._hold(fd)
       return
     raise WorkdirError(f"could not take the lock {self.path} (another trainer keeps "
@@ -92,8 +94,18 @@ class WorkdirLock:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (ImportError, OSError):
       pass  # no flock here (e.g. some network file systems): the pid check still works
-    os.write(fd, (json.dumps(self.me) + "\n").encode())
-    os.fsync(fd)
+    try:
+      os.write(fd, (json.dumps(self.me) + "\n").encode())
+      os.fsync(fd)
+    except OSError as e:
+      os.close(fd)
+      try:
+        os.remove(self.path)
+      except OSError:
+        pass
+      err = WorkdirError(f"cannot write the lock {self.path}: {e.strerror or e}")
+      err.exit_code = 4 if e.errno == errno.ENOSPC else 2
+      raise err from None
     self._fd = fd
 
   def _take_over_if_stale(self) -> bool:

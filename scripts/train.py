@@ -46,6 +46,10 @@ def main(argv):
     print("stopped by SIGTERM during start-up, before training; nothing new to save. Run the "
           "same command again to resume.", flush=True)
     return 0
+  if not (_WORKDIR.value or "").strip():
+    print("error: command line: --workdir: must name a directory (it is empty)",
+          file=sys.stderr)
+    return 2
   from peer_jax import distributed  # before anything touches a device
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -430,3 +430,26 @@ def test_ctrl_c_mid_run_settles_the_save(tmp_path):
   names = os.listdir(tmp_path / "checkpoints")
   assert not [n for n in names if ck.TMP_SUFFIX in n], names
   assert not (tmp_path / "trainer.lock").exists()
+
+
+@pytest.mark.slow
+def test_full_disk_mid_run_is_one_line_and_exit_4(tmp_path):
+  """A real full disk (a 24 MiB tmpfs: checkpoint 4 fits, 8 does not): needs root to mount."""
+  mnt = tmp_path / "small"
+  mnt.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(mnt)],
+                     capture_output=True)
+  if r.returncode:
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  try:
+    result = subprocess.run(_train_cmd(mnt / "run", "--config.train.steps=12",
+                                       "--config.checkpoint.every=4"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 4, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines[:5]
+    assert lines[0].startswith("error: checkpoint: cannot write checkpoint 8 to ")
+    assert "no space left" in lines[0]
+    assert sorted(os.listdir(mnt / "run" / "checkpoints")) == ["4"]  # no partial folder
+  finally:
+    subprocess.run(["umount", str(mnt)], capture_output=True)

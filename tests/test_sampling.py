@@ -58,10 +58,11 @@ def test_sample_script_on_a_trained_run(tmp_path):
        f"--workdir={tmp_path}", *TINY, "--config.train.steps=2"],
       capture_output=True, text=True, timeout=600)
   assert train.returncode == 0, train.stderr[-2000:]
+  # The workdir as a user types it: relative to the directory sample.py runs from.
   result = subprocess.run(
-      [sys.executable, f"{REPO}/scripts/sample.py", f"--workdir={tmp_path}",
+      [sys.executable, f"{REPO}/scripts/sample.py", f"--workdir={tmp_path.name}",
        "--prompt=The game", "--max_new_tokens=5", "--temperature=0.8", "--top_p=0.9"],
-      capture_output=True, text=True, timeout=600)
+      capture_output=True, text=True, timeout=600, cwd=tmp_path.parent)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith("The game")
   missing = subprocess.run(
