@@ -269,6 +269,8 @@ def write_report(abl_cfg, results_dir: str, report_dir: str, img_dir: str) -> st
   markdown."""
   summaries = load_summaries(results_dir)
   eval_set = abl_cfg.get("eval_set", "wikitext2_valid")
+  os.makedirs(report_dir, exist_ok=True)
+  os.makedirs(img_dir, exist_ok=True)
   parts = []
   noise = noise_floor(abl_cfg, summaries, eval_set)
   if noise:
@@ -282,7 +284,6 @@ def write_report(abl_cfg, results_dir: str, report_dir: str, img_dir: str) -> st
     if plot_study(rows, study, os.path.join(img_dir, f"ablation_{name}.png"), eval_set):
       parts.append(f"![{name}](img/ablation_{name}.png)\n")
   report = "\n".join(parts)
-  os.makedirs(report_dir, exist_ok=True)
   with open(os.path.join(report_dir, "tables.json"), "w") as f:
     json.dump(tables, f, indent=1, sort_keys=True)
   with open(os.path.join(report_dir, "tables.md"), "w") as f:
