@@ -500,3 +500,10 @@ def test_streamed_documents_equal_the_in_memory_ones(tmp_path, text_format):
   src = ST.StreamSource(str(path), text_format=text_format)
   assert list(src) == read_file_documents(str(path), text_format)
   assert ST.lane_documents(src, [0], 1, seed=0, shuffle=False) == list(src)
+
+
+def test_eval_from_a_stream_reports_bad_shards(tmp_path, tok):
+  d = _bad_corpus(tmp_path, "zz-empty.jsonl", b"")
+  with pytest.raises(DataError, match="zz-empty.jsonl: no documents found"):
+    list(P.make_eval_iterator({}, tok, d, batch_size=2, seq_len=32))
+  assert list(P.make_eval_iterator({"bad_records": "skip"}, tok, d, batch_size=2, seq_len=32))

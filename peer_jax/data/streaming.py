@@ -267,10 +267,11 @@ class StreamSource:
 
 def _shard_documents(src: StreamSource, shard: int) -> Iterator[str]:
   path, fmt = src.shards[shard], src.formats[shard]
-  skipped = 0
+  skipped, records = 0, 0
   with open_shard(path) as f:
     try:
       for raw, first, _, _, _ in _records(f, path, fmt, 0, 0, 0):
+        records += 1
         try:
           text = decode_record(raw, path, first, fmt, src.text_field)
         except BadRecord as e:
@@ -284,6 +285,11 @@ def _shard_documents(src: StreamSource, shard: int) -> Iterator[str]:
       if src.bad_records == "error":
         raise DataError(str(e)) from None
       _log.warning("skipping the rest of a shard: %s", e)
+      return
+  if records == 0:
+    if src.bad_records == "error":
+      raise DataError(f"{path}: no documents found (empty shard?)")
+    _log.warning("data: skipping an empty shard: %s", path)
 
 
 class LaneReader:
