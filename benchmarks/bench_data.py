@@ -71,9 +71,12 @@ def read_mb_per_second(directory: str, nbytes: int) -> float:
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--cases", default="memory,memory_b32x2048,stream_gz,stream_zst,"
-                  "stream_gz_b32x2048,stream_gz_threads2,mixture,read_gz,read_zst")
-  ap.add_argument("--seconds", type=float, default=5.0)
-  ap.add_argument("--copies", type=int, default=2)
+                  "stream_gz_b32x2048,stream_gz_threads2,mixture,read_gz,read_zst",
+                  help="comma-separated cases to run (default: all)")
+  ap.add_argument("--seconds", type=float, default=5.0,
+                  help="how long each tokens/s case is timed, after its first batch")
+  ap.add_argument("--copies", type=int, default=2,
+                  help="copies of the C4 sample in the streaming corpus (64 shards each)")
   args = ap.parse_args(argv)
   cases = args.cases.split(",")
   tmp = tempfile.mkdtemp(prefix="bench_data_")
