@@ -69,7 +69,7 @@ def read_mb_per_second(directory: str, nbytes: int) -> float:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
   ap.add_argument("--cases", default="memory,memory_b32x2048,stream_gz,stream_zst,"
                   "stream_gz_b32x2048,stream_gz_threads2,mixture,read_gz,read_zst",
                   help="comma-separated cases to run (default: all)")
