@@ -578,6 +578,7 @@ def test_gpu_config_smoke_end_to_end(tmp_path):
   assert sum("_lr" in n for n in names) == 4 and sum(n.endswith("_s1.json") for n in names) == 2
   assert len(names) == 10
   assert (workdir / "tokenizer").is_dir() and (rd / "table.md").exists()
+  assert os.listdir(workdir / "jax_cache")  # the runs shared one compilation cache
   assert (rd / "isoflop.png").exists() and "ETA" in out.stderr
   summary = json.loads((rd / "runs" / names[0]).read_text())
   assert summary["vocab_size"] == 256 and "bpb" in summary["eval"]["wikitext2_valid"]
