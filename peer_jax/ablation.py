@@ -11,6 +11,7 @@ An ablation config (configs/ablations.py) is a ConfigDict with
   variants:    {name: {'dotted.key': value}}; a variant is one training config
   seeds:       {name: (seeds...)} for variants run with more than `default_seeds`
   default_seeds: seeds of every other variant
+  priority:    variants whose every seed runs before anything else (the seed-noise one)
   studies:     {study: {'title', 'variants': (names...), 'x' (optional key to plot against)}}
 
 Every run is a normal `scripts/train.py` run in WORKDIR/runs/VARIANT_sSEED; its small summary
@@ -103,7 +104,8 @@ def plan(abl_cfg, tokenizer_path: str | None = None) -> list[AblationRun]:
   # Every variant's first seed before any second seed: an interrupted run of the whole
   # config still has one result per variant.
   order = {s: i for i, s in enumerate(sorted({r.seed for r in runs}))}
-  return sorted(runs, key=lambda r: order[r.seed])
+  first = tuple(abl_cfg.get("priority", ()))
+  return sorted(runs, key=lambda r: (r.variant not in first, order[r.seed]))
 
 
 def selected_runs(runs, abl_cfg, studies) -> list[AblationRun]:

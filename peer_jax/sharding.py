@@ -171,6 +171,11 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
         # does not own this parameter): it gets no sharding, or the trees would not match.
         return x
       names = x.get_metadata().get("out_sharding")
+      value = x.get_value()
+      if names is not None and getattr(value, "ndim", len(names)) != len(names):
+        # Optimizer statistics of another rank than their parameter (Adafactor's factored
+        # row/column moments, (N,) and (D,) of an (N, D) table): small, so replicated.
+        return x.replace(NamedSharding(mesh, P()))
       return x.replace(NamedSharding(mesh, logical_to_mesh_spec(names, rules)))
     return NamedSharding(mesh, P())
 

@@ -27,11 +27,11 @@ def test_every_run_spends_the_same_training_flops():
   # Variants of different cost get different step counts for the same compute.
   steps = {r.variant: r.steps for r in runs}
   assert steps["peer_n32"] > steps["peer_n256"] and steps["dense"] != steps["moe_token_choice"]
-  # Every first seed before any second seed.
-  seeds = [r.seed for r in runs]
+  # The seed-noise variant's seeds first, then every first seed before any second seed.
+  assert [(r.variant, r.seed) for r in runs[:3]] == [("peer_ref", 0), ("peer_ref", 1),
+                                                     ("peer_ref", 2)]
+  seeds = [r.seed for r in runs[3:]]
   assert seeds == sorted(seeds)
-  ref = [r for r in runs if r.variant == "peer_ref"]
-  assert [r.seed for r in ref] == [0, 1, 2]
 
 
 def test_overrides_reach_the_command_and_bad_keys_are_refused():
@@ -69,7 +69,7 @@ def test_report_states_means_spreads_noise_and_missing_runs(tmp_path):
   assert "Seed noise: wikitext2_valid loss std 0.1000 over 3 seeds of `peer_ref`" in report
   assert "| peer_ref | 3 | 100 | 4.100 ± 0.100 |" in report
   assert "| peer_n32 | 1 | 100 | 4.500 |" in report
-  assert "| peer_n64 | 0 | not run |" in report
+  assert "| peer_n256 | 0 | not run |" in report
   assert (tmp_path / "out" / "tables.md").read_text() == report
   assert (tmp_path / "out" / "ablation_a_num_experts.png").exists()
 

@@ -393,6 +393,8 @@ REWRITES = {
         "--dry_run": lambda old: old,
     },
     "scripts/launch_tpu_pod.py": {"--dry_run": lambda old: old},
+    # the ablations train ~20 models: only the plan (or the regeneration of the tables)
+    "scripts/ablate.py": {"--dry_run": lambda old: old},
     # benchmarks (run as `python -m benchmarks.X`): tiny sizes, one timed repeat
     "benchmarks.bench_layer": {"--T": lambda old: "64", "--N": lambda old: "1024",
                                "--repeats": lambda old: "1"},
