@@ -453,3 +453,23 @@ def test_full_disk_mid_run_is_one_line_and_exit_4(tmp_path):
     assert sorted(os.listdir(mnt / "run" / "checkpoints")) == ["4"]  # no partial folder
   finally:
     subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_trainers_on_one_workdir(tmp_path):
+  first = subprocess.Popen(_train_cmd(tmp_path, "--config.train.steps=1000"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while not (tmp_path / "trainer.lock").exists() and first.poll() is None and \
+        time.time() < deadline:
+      time.sleep(0.05)
+    second = subprocess.run(_train_cmd(tmp_path, "--config.train.steps=1000"),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2
+    assert second.stderr.strip().startswith("error: workdir: ") and "in use by another trainer" \
+        in second.stderr and f"pid {first.pid}" in second.stderr
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=300)
+  assert first.returncode == 0
