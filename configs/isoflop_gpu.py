@@ -32,6 +32,7 @@ def get_config():
   c.sizes = s = ml_collections.ConfigDict()
   s.pairs = ((128, 2), (192, 3), (256, 4), (320, 5), (384, 6), (448, 7), (512, 8))
   s.windows = ((0, 5), (1, 6), (2, 7))
+  s.extend = 1
   s.head_dim = 64
   s.d_ff_ratio = 4
   c.arch_overrides = {"dense": {}, "moe": {}, "pkm": {}, "peer": {}}  # configs/default.py's

@@ -92,22 +92,51 @@ def sweep_state(planner: Planner, summaries: dict[str, dict]) -> SweepState:
     lr_table.append({"arch": arch, "eval_set": eval_set, "grid": list(planner.lr_grid),
                      "losses": losses, "chosen": lrs.get(arch), "measured_best": measured,
                      "moe_routing": runs[0].moe_routing})
-  main_runs = planner.main_runs(lrs)
-  done.update({r.name: _done(summaries, r) for r in main_runs})
+  # The main grid, extended (sizes.extend) where a finished curve is not bracketed: one
+  # more ladder size beyond the end its best run is at, until it is or the limit is met.
+  extend = sweep.sizes.get("extend", 0)
+  extra: dict[tuple, list[int]] = {}
+  final: dict[tuple, dict] = {}  # (budget, arch) -> fit of a finished, settled curve
+  for _ in range(extend + 1):
+    main_runs = planner.main_runs(lrs, extra)
+    done.update({r.name: _done(summaries, r) for r in main_runs})
+    grown = False
+    for bi, budget in enumerate(sweep.budgets):
+      for arch in sweep.archs:
+        key = (float(budget), arch)
+        if key in final:
+          continue
+        curve = [r for r in main_runs if r.budget == key[0] and r.arch == arch]
+        pts = [done[r.name] for r in curve]
+        if (not curve or any(r.provisional for r in curve)
+            or any(p is None or eval_set not in p["eval"] for p in pts)):
+          continue
+        fit = fit_curve(pts, fit_x, eval_set)
+        step = _extension(planner, curve, pts, fit, fit_x)
+        idx = [planner.grid.index(planner._size(r.size)) for r in curve]
+        new = None if step is None else (min(idx) - 1 if step < 0 else max(idx) + 1)
+        if (new is not None and 0 <= new < len(planner.grid)
+            and len(extra.get(key, ())) < extend):
+          extra.setdefault(key, []).append(new)
+          grown = True
+        else:
+          final[key] = fit
+    if not grown:
+      break
   picks: dict[tuple, list] = {}
   nearest = (sweep.get("seeds") or {}).get("nearest", 0)
   pending, pending_keys = 0, []
   if (sweep.get("seeds") or {}).get("extra", 0) and nearest:
     for budget in sweep.budgets:
       for arch in sweep.archs:
-        curve = [r for r in main_runs if r.budget == float(budget) and r.arch == arch]
-        pts = [done[r.name] for r in curve]
-        if not curve or any(p is None or eval_set not in p["eval"] for p in pts):
+        key = (float(budget), arch)
+        curve = [r for r in main_runs if r.budget == key[0] and r.arch == arch]
+        if key not in final:
           pending += sweep.seeds.extra * min(nearest, len(curve))
-          pending_keys.append((float(budget), arch, sweep.seeds.extra * min(nearest, len(curve))))
+          pending_keys.append((key[0], arch, sweep.seeds.extra * min(nearest, len(curve))))
           continue
-        fit = fit_curve(pts, fit_x, eval_set)
-        picks[(float(budget), arch)] = pick_seed_sizes(pts, fit, nearest, fit_x)
+        pts = [done[r.name] for r in curve]
+        picks[key] = pick_seed_sizes(pts, final[key], nearest, fit_x)
   seed_runs = planner.seed_runs(main_runs, picks)
   done.update({r.name: _done(summaries, r) for r in seed_runs})
   return SweepState(lr_runs=lr_runs, lrs=lrs, lr_source=source, lr_table=lr_table,
@@ -125,6 +154,25 @@ def remaining_seconds(state: SweepState, timing) -> float:
              if r.budget == budget and r.arch == arch]
     total += count * (sum(curve) / len(curve) if curve else 0.0)
   return total
+
+
+def _extension(planner, curve, pts, fit, fit_x) -> int | None:
+  """-1 / +1: the side a not-bracketed curve should grow towards; None: bracketed, or no
+  side to tell (no minimum with an interior best run)."""
+  if fit["status"] == "inside":
+    return None
+  order = sorted(range(len(pts)), key=lambda i: pts[i][fit_x])
+  best = next(i for i in order if pts[i]["name"] == fit["best_run"])
+  if best == order[0]:
+    return -1
+  if best == order[-1]:
+    return +1
+  a, b, _ = fit["coeffs"]
+  if fit["status"] == "edge" and a > 0:
+    import math as _m
+    x_min = -b / (2 * a)
+    return -1 if x_min < _m.log(pts[order[0]][fit_x]) else +1
+  return None
 
 
 def result_records(state: SweepState) -> list[dict]:

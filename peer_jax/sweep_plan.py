@@ -8,7 +8,8 @@ A sweep config (configs/isoflop_*.py) is a ConfigDict with
   sizes:       pairs: (d_model, num_layers) sizes, smallest first (or a d_model × num_layers
                grid); heads = d_model // head_dim (or a num_heads grid); d_ff = d_ff_ratio ·
                d_model; windows: optional (start, stop) slice of pairs per budget (larger
-               budgets may use a window of larger sizes)
+               budgets may use a window of larger sizes); extend: how many sizes of the
+               ladder beyond its window a curve whose minimum is at an edge may add
   arch_overrides: {arch: nested overrides} (per-architecture layer settings)
   overrides:   nested like the base config, {'train': {'batch_size': 8}}, for every run
   tokenizer:   vocab_size (0: keep the base config's tokenizer), train_path: a small
@@ -252,6 +253,9 @@ def validate_sweep(sweep) -> None:
         len(w) != 2 or not 0 <= w[0] < w[1] <= n for w in windows):
       raise SweepError(f"sizes.windows: need one (start, stop) slice of the {n} sizes per "
                        f"budget ({len(budgets)}), got {tuple(windows)!r}")
+  ext = sizes.get("extend", 0)
+  if isinstance(ext, bool) or not isinstance(ext, int) or ext < 0:
+    raise SweepError(f"sizes.extend: must be a non-negative integer, got {ext!r}")
   if not (0 < sweep.get("tolerance", 0.05) < 1):
     raise SweepError(f"tolerance: must be in (0, 1), got {sweep.get('tolerance')!r}")
   if sweep.get("fit_x", "params") not in FIT_X:
@@ -309,13 +313,19 @@ def size_grid(sizes) -> list[tuple[int, int, int, int]]:
   return out
 
 
-def budget_sizes(sweep, budget_index: int) -> list[tuple[int, int, int, int]]:
-  grid = size_grid(sweep.sizes)
+def window_indices(sweep, budget_index: int) -> list[int]:
+  """Indices into size_grid of the sizes a budget runs (its window; default: all)."""
+  n = len(size_grid(sweep.sizes))
   windows = sweep.sizes.get("windows")
   if windows:
     start, stop = windows[budget_index]
-    return grid[start:stop]
-  return grid
+    return list(range(start, stop))
+  return list(range(n))
+
+
+def budget_sizes(sweep, budget_index: int) -> list[tuple[int, int, int, int]]:
+  grid = size_grid(sweep.sizes)
+  return [grid[i] for i in window_indices(sweep, budget_index)]
 
 
 def _training_flops(model_cfg, seq_len: int, key: str) -> float:
@@ -457,17 +467,22 @@ class Planner:
         out.append(run)
     return out
 
-  def main_runs(self, lrs: dict[str, float]) -> list[Run]:
+  def main_runs(self, lrs: dict[str, float], extra: dict[tuple, list[int]] | None = None
+                ) -> list[Run]:
     """Every budget × arch × size at seed 0 and the arch's LR (lrs; missing ones: the base
-    LR, marked provisional). The point of the LR sweep at the chosen LR is that LR run."""
+    LR, marked provisional). The point of the LR sweep at the chosen LR is that LR run.
+    extra[(budget, arch)]: indices of further sizes (extensions of an unbracketed curve)."""
     out = []
     ls = self.sweep.get("lr_sweep") or {}
+    extra = extra or {}
     for bi, budget in enumerate(self.sweep.budgets):
       for arch in self.sweep.archs:
         lr = lrs.get(arch)
         provisional = lr is None and bool(self.lr_grid)
         lr = self.default_lr if lr is None else lr
-        for size in budget_sizes(self.sweep, bi):
+        idx = window_indices(self.sweep, bi)
+        idx = sorted(set(idx) | set(extra.get((float(budget), arch), ())))
+        for size in (self.grid[i] for i in idx):
           at_lr_point = (bool(self.lr_grid) and float(budget) == float(ls.budget)
                          and tuple(size[:2]) == tuple(ls.size))
           if at_lr_point and provisional:

@@ -244,6 +244,34 @@ def test_lr_sweep_choice_main_grid_reuse_and_seed_picks(tmp_path):
   assert any(r.arch == "dense" and r.phase == "main" for r in state2.todo())
 
 
+def test_unbracketed_curve_grows_by_a_ladder_size_then_gets_its_seeds(tmp_path):
+  rd = str(tmp_path / "res")
+  cfg = tiny_sweep(budgets=(4e10,), archs=("dense",),
+                   pairs=((32, 1), (32, 2), (48, 2), (64, 2), (64, 3)), seeds=1, nearest=3)
+  cfg.sizes.windows = ((0, 3),)
+  cfg.sizes.extend = 1
+  planner = sweep.Planner(cfg, None)
+  state = sweep.sweep_state(planner, {})
+  assert [r.size for r in state.main_runs] == [(32, 1), (32, 2), (48, 2)]
+  # Loss falls to the largest size of the window: not bracketed, so 64×2 is added ...
+  ln = {r.size: math.log(r.params) for r in sweep.Planner(
+      tiny_sweep(budgets=(4e10,), archs=("dense",),
+                 pairs=((32, 1), (32, 2), (48, 2), (64, 2), (64, 3))), None).main_runs({})}
+  loss = lambda r: 4.0 + 0.1 * (math.log(r.params) - ln[(64, 2)] + 0.3) ** 2
+  _finish(rd, state.main_runs, loss)
+  state = sweep.sweep_state(planner, sweep.read_summaries(rd))
+  assert [r.size for r in state.todo()] == [(64, 2)] and state.seed_pending == 3
+  # ... and once it has run, the curve is bracketed and its seeds are planned.
+  _finish(rd, state.todo(), loss)
+  state = sweep.sweep_state(planner, sweep.read_summaries(rd))
+  assert len(state.main_runs) == 4 and state.seed_pending == 0
+  assert {r.size for r in state.seed_runs} == {(32, 2), (48, 2), (64, 2)}
+  # With extend = 0 the same curve stays as it is, and is reported unbracketed.
+  cfg.sizes.extend = 0
+  state = sweep.sweep_state(sweep.Planner(cfg, None), sweep.read_summaries(rd))
+  assert len(state.main_runs) == 3 and len(state.seed_runs) == 3
+
+
 def test_summary_of_another_plan_is_not_a_result(tmp_path):
   rd = str(tmp_path / "res")
   cfg = tiny_sweep()
