@@ -104,6 +104,9 @@ def launch_local(sweep_cfg, planner, workdir, results_dir) -> int:
   est_done = wall_done = 0.0
   n = 0
   while True:
+    if stop.requested:
+      say("stopped between runs; run the same command again to resume")
+      return 130
     state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
     todo = [r for r in state.todo() if r.name not in failed]
     if not todo:
