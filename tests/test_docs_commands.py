@@ -81,7 +81,18 @@ class Command:
     return f"{self.file}:{self.line}"
 
   def words(self):
-    return shlex.split(self.text, comments=True)
+    try:
+      return shlex.split(self.text, comments=True)
+    except ValueError:  # the first line of a quoted multi-line command (python -c "...)
+      return []
+
+  @property
+  def unparsed(self) -> bool:
+    try:
+      shlex.split(self.text, comments=True)
+      return False
+    except ValueError:
+      return True
 
 
 # Inline code that is a command: `python scripts/...`, `python -m benchmarks.X ...`.
@@ -163,6 +174,8 @@ def all_commands() -> list[Command]:
 
 def classify(cmd: Command) -> tuple[str, str]:
   """("run", "") or ("skip", reason) or ("unknown", program)."""
+  if cmd.unparsed:
+    return "skip", "a quoted command over several lines (shown for the reader to paste)"
   words, set_here = cmd.words(), set()
   while words and re.match(r"^[A-Za-z_]\w*=", words[0]):
     name, value = words.pop(0).split("=", 1)
