@@ -233,8 +233,12 @@ class _LaneBatchIterator(grain.DatasetIterator):
     return {"lanes": {l: p.get_state() for l, p in zip(self._lanes, self._parents)}}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    for l, p in zip(self._lanes, self._parents):
-      p.set_state(state["lanes"][l])
+    jobs = [(p, state["lanes"][l]) for l, p in zip(self._lanes, self._parents)]
+    if self._pool is not None:  # lanes restore independently (re-reading their windows)
+      list(self._pool.map(lambda job: job[0].set_state(job[1]), jobs))
+    else:
+      for parent, lane_state in jobs:
+        parent.set_state(lane_state)
 
   def close(self) -> None:
     if self._pool is not None:
