@@ -442,3 +442,15 @@ def test_prepare_data_script_in_parallel_and_its_bad_flags(tmp_path):
     r = run(*base.values(), *[a for a in args if a.split("=")[0][2:] not in base])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert __import__("re").search(message, r.stderr), r.stderr
+
+
+def test_tfds_text_feature_is_text_or_the_one_text_feature():
+  """TFDS `lambada` keeps its passages in `passage`: the one Text feature is read."""
+  import tensorflow_datasets as tfds
+  from peer_jax.data.sources import DataError, _text_feature
+  F = tfds.features
+  assert _text_feature(F.FeaturesDict({"text": F.Text(), "url": F.Text()}), "d") == "text"
+  assert _text_feature(F.FeaturesDict({"passage": F.Text(), "id": F.Scalar(np.int64)}),
+                       "d") == "passage"
+  with pytest.raises(DataError, match="d: no 'text' feature, and 2 text features"):
+    _text_feature(F.FeaturesDict({"a": F.Text(), "b": F.Text()}), "d")

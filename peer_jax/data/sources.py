@@ -348,7 +348,23 @@ def open_tfds(spec: SourceSpec, data_dir: str | None) -> TextRecords:
                     f"file_format=array_record?): {_first_line(e)}") from None
   if len(source) == 0:
     raise DataError(f"{desc}: no documents")
-  return TextRecords(source, desc)
+  return TextRecords(source, desc, text_field=_text_feature(builder.info.features, desc))
+
+
+def _text_feature(features, desc: str) -> str:
+  """`text`, else the dataset's one Text feature (TFDS `lambada` keeps its passages in
+  `passage`); several candidates and no `text` is an error naming them."""
+  try:
+    names = list(features.keys())
+  except AttributeError:  # not a FeaturesDict: a single feature
+    return "text"
+  if "text" in names:
+    return "text"
+  texts = [n for n in names if type(features[n]).__name__ == "Text"]
+  if len(texts) == 1:
+    return texts[0]
+  raise DataError(f"{desc}: no 'text' feature, and {len(texts)} text features "
+                  f"({', '.join(texts) or 'none'}) to choose from; features: {', '.join(names)}")
 
 
 def _first_line(e: Exception) -> str:
