@@ -30,6 +30,9 @@ def get_config():
       "model.d_model": 64, "model.num_heads": 4, "model.d_ff": 256,
       "train.batch_size": 16, "train.seq_len": 128, "train.log_every": 20,
       "data.eval_batches": 16, "checkpoint.keep": 1,
+      # The table settings every variant starts from, pinned: the defaults of configs/base.py
+      # when these runs were made (the ablation then chose new defaults; docs/ablations.md).
+      "train.table_lr_scale": 1.0, "train.table_lr_schedule": "follow",
       "data.eval_paths": (f"wikitext2_valid={SHARED_DATA}/wikitext-2/valid.txt,"
                           f"c4_sample={SHARED_DATA}/c4_en_sample/"
                           "c4-train.00000-of-01024.first1000.jsonl"),
@@ -65,7 +68,7 @@ def get_config():
   }
   c.variants = {name: tuple(over.items()) for name, over in variants.items()}
   c.default_seeds = (0,)
-  c.seeds = {"peer_ref": (0, 1, 2)}
+  c.seeds = {"peer_ref": (0, 1, 2), "peer_table_lr4": (0, 1), "pkm_table_lr4": (0, 1)}
   # Run first (all their seeds): the seed noise everything else is read against.
   c.priority = ("peer_ref",)
   c.studies = {

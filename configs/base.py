@@ -77,8 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0
   # Expert tables (PEER u/v/g, PKM values): their own optimizer settings (docs/peer_layer.md).
   t.table_optimizer = "adamw"  # adamw | lazy_adam | sgd | adafactor
-  t.table_lr_scale = 1.0
-  t.table_lr_schedule = "follow"  # follow | decay_to_base | constant
+  # 4x decaying to 1x (UltraMem's rule): chosen by docs/ablations.md, study (d).
+  t.table_lr_scale = 4.0
+  t.table_lr_schedule = "decay_to_base"  # follow | decay_to_base | constant
   t.table_weight_decay = -1.0  # -1: train.weight_decay; 0: no decay on the tables
   t.log_every = 10
   t.eval_every = 200

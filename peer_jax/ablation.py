@@ -85,7 +85,8 @@ def plan(abl_cfg, tokenizer_path: str | None = None) -> list[AblationRun]:
   base = load_config_file(abl_cfg.base)
   runs = []
   for variant, var_over in abl_cfg.variants.items():
-    overrides = list(dict(abl_cfg.overrides).items()) + list(dict(var_over).items())
+    # A variant's value replaces the shared one (one flag per key on the command line).
+    overrides = list({**dict(abl_cfg.overrides), **dict(var_over)}.items())
     if tokenizer_path:
       overrides += [("data.tokenizer", tokenizer_path),
                     ("model.vocab_size", int(abl_cfg.tokenizer_vocab))]
@@ -212,7 +213,8 @@ def markdown_table(rows: list[dict], eval_set: str) -> str:
   has = lambda key: any(key in r for r in rows)
   head = ["variant", "seeds", "steps", f"{eval_set} loss", "ppl", "bpb"]
   extra = [k for k in ("usage", "unevenness", "dropped") if has(k)]
-  lines = ["| " + " | ".join(head + extra) + " |", "|" + "---|" * (len(head) + len(extra))]
+  names = {"dropped": "dropped (last train step)"}
+  lines = ["| " + " | ".join(head + [names.get(k, k) for k in extra]) + " |", "|" + "---|" * (len(head) + len(extra))]
   for r in rows:
     if not r.get("seeds"):
       lines.append(f"| {r['variant']} | 0 | not run |" + " |" * (len(head) + len(extra) - 3))

@@ -213,7 +213,9 @@ def test_table_options_are_really_applied():
   from tests.test_sharding import equivalence_config, fixed_batch
   from peer_jax.train import Trainer
   out = {}
-  for name, opts in {"base": {}, "lr4": {"table_lr_scale": 4.0}}.items():
+  shared = {"table_lr_scale": 1.0, "table_lr_schedule": "follow"}  # the one shared AdamW
+  lr4 = {"table_lr_scale": 4.0, "table_lr_schedule": "follow"}
+  for name, opts in {"base": shared, "lr4": lr4}.items():
     cfg = equivalence_config("peer")
     for key, value in opts.items():
       cfg.train[key] = value
