@@ -279,3 +279,23 @@ def test_sharded_bank_layer_matches_xla_on_more_meshes():
 if __name__ == "__main__":
   worker, worker_args = sys.argv[1], json.loads(sys.argv[2])
   print(json.dumps(globals()[worker](worker_args)))
+
+
+# ----------------------------------------------------------------------- gpu_check.sh
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_runs_on_cpu(tmp_path):
+  """benchmarks/gpu_check.sh --tiny runs its three parts on CPU (no timing asserted)."""
+  out = tmp_path / "gpu_check.md"
+  env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_OUT=str(out), JAX_PLATFORMS="cpu",
+             GPU_CHECK_TIMEOUT="1500",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--tiny"],
+                       capture_output=True, text=True, env=env, timeout=1800)
+  assert res.returncode == 0, res.stderr[-4000:]
+  text = out.read_text()
+  for words in ("## (a) expert path", "pallas (Triton, interpret)", "max rel err",
+                "## (b) layer fwd+bwd", "PEER kernel=pallas", "## (c) bf16 train step", "MFU"):
+    assert words in text, (words, text)
+  assert "FAILED" not in text
