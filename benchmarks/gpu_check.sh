@@ -9,17 +9,30 @@
 # of equal FLOPs; (c) a bf16 train step, tokens/s and MFU, of a ~100M dense model and its
 # PEER counterpart. The report goes to stdout and to $GPU_CHECK_OUT (default
 # /tmp/gpu_check.md). Where JAX sees no GPU or TPU the script runs the tiny mode and says so.
-# Environment: PYTHON (default: python), GPU_CHECK_TIMEOUT (seconds, default 480).
+# Environment: PYTHON (default: .venv/bin/python, python or python3, the first with
+# jax), GPU_CHECK_TIMEOUT (seconds, default 480).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python || command -v python3)}
-LIMIT=${GPU_CHECK_TIMEOUT:-480}
-OUT=${GPU_CHECK_OUT:-/tmp/gpu_check.md}
 ARGS=("$@")
 if [[ " ${ARGS[*]-} " == *" --help "* || " ${ARGS[*]-} " == *" -h "* ]]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
+# Python: $PYTHON, else the first of the repo's .venv, python, python3 that imports jax.
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then
+  for cand in .venv/bin/python python python3; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import jax" >/dev/null 2>&1; then
+      PY=$cand; break
+    fi
+  done
+fi
+if [[ -z "$PY" ]]; then
+  echo "gpu_check: no Python with jax found (set PYTHON=/path/to/venv/bin/python)" >&2
+  exit 2
+fi
+LIMIT=${GPU_CHECK_TIMEOUT:-480}
+OUT=${GPU_CHECK_OUT:-/tmp/gpu_check.md}
 BACKEND=$("$PY" -c "import jax; print(jax.default_backend())" 2>/dev/null || echo cpu)
 if [[ "$BACKEND" == "cpu" && " ${ARGS[*]-} " != *" --tiny "* ]]; then
   echo "gpu_check: JAX sees no GPU/TPU (backend: cpu): running the tiny CPU mode instead" >&2
