@@ -126,6 +126,9 @@ def _build(activation: Callable, chunk_size: int, mesh: Mesh, token_axes: tuple[
            interpret: bool = False):
   """The custom-VJP function for one static setting (mesh, axes, activation, chunking,
   implementation of the per-shard gathers / sums: see `sharded_peer_experts`)."""
+  if impl == "pallas_tpu" and not model_axes:
+    # D is not split: each shard runs the whole fused Mosaic kernel on its tokens.
+    return _build_local(activation, mesh, token_axes, impl, interpret)
   if impl != "xla":
     return _build_prims(activation, chunk_size, mesh, token_axes, model_axes, num_ins,
                         _Prims(impl, interpret))
@@ -204,6 +207,46 @@ def _build(activation: Callable, chunk_size: int, mesh: Mesh, token_axes: tuple[
     dx_TD, dw_TM, *dtables = bwd_map(x_TD, idx_TM, w_TM, dy_TD.astype(x_TD.dtype), *pre,
                                      *tables)
     return (dx_TD, None, dw_TM, *dtables)
+
+  bank.defvjp(bank_fwd, bank_bwd)
+  return bank
+
+
+def _build_local(activation, mesh, token_axes, impl, interpret):
+  """No model axes: the single-device kernel on each shard's tokens (all rows, all of D),
+  its own VJP inside the shard_map, then the data-parallel psum of the table gradients."""
+  from peer_jax.ops.pallas_experts import peer_experts_pallas
+  tok = token_axes or None
+  x_spec, tm_spec, table_spec = P(tok, None), P(tok, None), P(None, None)
+  smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+
+  def op(x_TD, idx_TM, w_TM, u_ND, v_ND):
+    return peer_experts_pallas(x_TD, idx_TM[:, None, :], w_TM[:, None, :], u_ND, v_ND,
+                               activation, interpret=interpret)
+
+  fwd_map = smap(op, in_specs=(x_spec, tm_spec, tm_spec, table_spec, table_spec),
+                 out_specs=x_spec)
+
+  def bwd_body(x_TD, idx_TM, w_TM, u_ND, v_ND, dy_TD):
+    _, vjp = jax.vjp(lambda x, w, u, v: op(x, idx_TM, w, u, v), x_TD, w_TM, u_ND, v_ND)
+    dx, dw, du, dv = vjp(dy_TD)
+    psum = lambda d: _psum(d.astype(jnp.float32), token_axes).astype(d.dtype)
+    return dx, dw, psum(du), psum(dv)
+
+  bwd_map = smap(bwd_body, in_specs=(x_spec, tm_spec, tm_spec, table_spec, table_spec, x_spec),
+                 out_specs=(x_spec, tm_spec, table_spec, table_spec))
+
+  @jax.custom_vjp
+  def bank(x_TD, idx_TM, w_TM, u_ND, v_ND):
+    return fwd_map(x_TD, idx_TM, w_TM, u_ND, v_ND)
+
+  def bank_fwd(x_TD, idx_TM, w_TM, u_ND, v_ND):
+    return fwd_map(x_TD, idx_TM, w_TM, u_ND, v_ND), (x_TD, idx_TM, w_TM, u_ND, v_ND)
+
+  def bank_bwd(res, dy_TD):
+    x_TD, idx_TM, w_TM, u_ND, v_ND = res
+    dx, dw, du, dv = bwd_map(x_TD, idx_TM, w_TM, u_ND, v_ND, dy_TD.astype(x_TD.dtype))
+    return dx, None, dw, du, dv
 
   bank.defvjp(bank_fwd, bank_bwd)
   return bank
@@ -299,7 +342,8 @@ def sharded_peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *, m
     impl: the per-shard implementation, resolved by `peer_jax.ops.kernels.resolve_kernel`:
       "xla" (chunked gathers and scatter-adds), "cpu_ffi" (the fused FFI kernels on each
       shard's slice), "pallas_gpu" (the three Triton kernels one by one), "pallas_tpu"
-      (XLA gathers; the TPU row-backward kernel for the table gradients). Pallas: no GLU.
+      (with model axes: XLA gathers and the TPU row-backward kernel for the table
+      gradients; without: the whole fused Mosaic kernel per shard). Pallas: no GLU.
     interpret: run a Pallas impl in interpret mode (tests on CPU).
 
   Returns:
