@@ -273,7 +273,7 @@ def test_sharded_bank_layer_matches_xla_on_a_cpu_mesh():
 
 @pytest.mark.slow
 def test_sharded_bank_layer_matches_xla_on_more_meshes():
-  _check_mesh([[8, 1, 1], [1, 2, 4], [1, 1, 8]],
+  _check_mesh([[8, 1, 1], [2, 4, 1], [1, 2, 4], [1, 1, 8]],
               [list(k) for k in FAST_KERNELS] + [["xla", None]], [False, True])
 
 
