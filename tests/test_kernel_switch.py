@@ -300,3 +300,56 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path):
                 "## (b) layer fwd+bwd", "PEER kernel=pallas", "## (c) bf16 train step", "MFU"):
     assert words in text, (words, text)
   assert "FAILED" not in text
+
+
+# ----------------------------------------------------------------------- lowering for GPU
+
+
+def _triton_kernels(fn, *args):
+  import re
+  import jax
+  exported = jax.export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(*args)
+  return sorted(set(re.findall(r'custom_call @__gpu\$xla\.gpu\.triton\(.*name = "(\w+)"',
+                               exported.mlir_module())))
+
+
+def test_layer_with_kernel_pallas_lowers_to_triton_for_cuda(monkeypatch):
+  """The whole PEER layer (fwd+bwd of every parameter), traced as if on a GPU with
+  kernel=auto, holds the three Triton kernels (lowering only: no GPU, no PTX)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from peer_jax.layers.peer import PEER
+  from peer_jax.ops import kernels
+  monkeypatch.setattr(kernels, "backend_platform", lambda: "gpu")
+  layer = PEER(64, num_experts=16 ** 2, heads=2, top_k=4, query_dim=16, kernel="auto",
+               rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x = jnp.ones((2, 16, 64), jnp.bfloat16)
+
+  def grads(params, x):
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x)[0].astype(jnp.float32) ** 2)
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+  assert _triton_kernels(grads, params, x) == ["_pair_kernel", "_rows_kernel",
+                                               "_segment_kernel"]
+
+
+def test_sharded_bank_building_blocks_lower_to_triton_for_cuda():
+  import jax
+  import jax.numpy as jnp
+  from peer_jax.ops import pallas_experts_gpu as g
+  s = jax.ShapeDtypeStruct
+  t, m, n, d = 256, 32, 4096, 256
+  idx, a, x, tab = s((t, m), jnp.int32), s((t, m), jnp.float32), s((t, d), jnp.float32), \
+      s((n, d), jnp.bfloat16)
+  assert _triton_kernels(lambda tab, i, x: g.pair_dots(tab, i, x), tab, idx, x) == [
+      "_pair_kernel"]
+  assert _triton_kernels(lambda tab, i, c: g.weighted_rows(tab, i, c), tab, idx, a) == [
+      "_rows_kernel"]
+  assert _triton_kernels(
+      lambda i, a, x: g.table_grads(i, a, x, a, x, n, jnp.bfloat16, jnp.bfloat16),
+      idx, a, x) == ["_segment_kernel"]
