@@ -353,3 +353,23 @@ def test_sharded_bank_building_blocks_lower_to_triton_for_cuda():
   assert _triton_kernels(
       lambda i, a, x: g.table_grads(i, a, x, a, x, n, jnp.bfloat16, jnp.bfloat16),
       idx, a, x) == ["_segment_kernel"]
+
+
+# ----------------------------------------------------------------------- through the config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,interpret", [("pallas", "gpu"), ("cpu_ffi", None)])
+def test_config_kernel_reaches_the_train_step(kernel, interpret, monkeypatch):
+  """model.peer.kernel through validation, Trainer and 2 train steps: the losses of XLA."""
+  import jax
+  from peer_jax.ops import kernels
+  from tests.test_sharding import equivalence_config, train_losses
+  cfg = equivalence_config("peer")
+  cfg.model.peer.query_norm = "layernorm"
+  want = train_losses(cfg, (1, 1, 1), 2, devices=jax.devices()[:1])[0]
+  if interpret:
+    monkeypatch.setenv(kernels.INTERPRET_ENV, interpret)
+  cfg.model.peer.kernel = kernel
+  got = train_losses(cfg, (1, 1, 1), 2, devices=jax.devices()[:1])[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4)
