@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   p.placement = "replace"
   p.chunk_size = 512
   p.value_init = "match_dense"  # match_dense | match_dense_unscaled | embed (docs/peer_layer.md)
+  p.kernel = "auto"  # auto | xla | pallas | cpu_ffi (docs/peer_layer.md, which runs where)
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 128
@@ -61,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   k.key_dim = 256
   k.query_norm = "batchnorm"
   k.value_init = "match_dense"
+  k.kernel = "auto"  # auto | xla | pallas | cpu_ffi: the embedding bag's (docs/peer_layer.md)
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000

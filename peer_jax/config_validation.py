@@ -108,6 +108,9 @@ def validate_model(cfg) -> None:
       _fail("model.pkm.key_dim", f"must be even (two product-key halves), got {cfg.model.pkm.key_dim}")
     _choice(cfg, "model.pkm.query_norm", QUERY_NORMS)
     _choice(cfg, "model.pkm.value_init", VALUE_INITS)
+    from peer_jax.ops.kernels import KERNELS
+    if "kernel" in cfg.model.pkm:
+      _choice(cfg, "model.pkm.kernel", KERNELS)
 
 
 def _square_root(cfg, key: str) -> int:
@@ -133,6 +136,36 @@ def validate_peer(cfg) -> None:
   _choice(cfg, "model.peer.placement", PLACEMENTS)
   _positive_int(cfg, "model.peer.chunk_size")
   _choice(cfg, "model.peer.value_init", VALUE_INITS)
+  from peer_jax.ops.kernels import KERNELS
+  if "kernel" in cfg.model.peer:
+    _choice(cfg, "model.peer.kernel", KERNELS)
+
+
+def validate_kernels(cfg, mesh_shape, platform: str | None = None) -> None:
+  """model.peer.kernel / model.pkm.kernel can run on this backend and mesh (one line if not).
+
+  `pallas` on CPU, `cpu_ffi` on an accelerator, or a shape the compiled kernels do not take
+  fail here, before anything is traced. `auto` never fails (it falls back to XLA).
+  """
+  from peer_jax.ops.kernels import KernelError, resolve_kernel
+  from peer_jax.layers.pkm import resolve_bag_kernel
+  from peer_jax.layers.common import DTYPES
+  kind = cfg.model.ffw
+  sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
+  num_devices = math.prod(mesh_shape)
+  rules = tuple(cfg.sharding.rules) if "sharding" in cfg else ()
+  try:
+    if kind == "peer" and "kernel" in cfg.model.peer:
+      p = cfg.model.peer
+      shards = math.prod(sizes.get(a, 1) for a in sharding.rule_axes(rules, "expert_embed"))
+      resolve_kernel(p.kernel, glu=bool(p.glu), d_model=cfg.model.d_model,
+                     slots=p.heads * p.top_k, model_shards=shards if num_devices > 1 else 1,
+                     num_devices=num_devices, platform=platform)
+    elif kind == "pkm" and "kernel" in cfg.model.pkm:
+      resolve_bag_kernel(cfg.model.pkm.kernel, num_devices=num_devices,
+                         table_dtype=DTYPES["float32"], platform=platform)
+  except KernelError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_train(cfg, data_parallel: int) -> None:
@@ -250,6 +283,7 @@ def validate_config(cfg, num_devices: int, check_files: bool = True) -> None:
   mesh_shape = validate_mesh(cfg, num_devices)
   validate_train(cfg, sharding.data_parallel_size(mesh_shape))
   validate_sharding(cfg, mesh_shape)
+  validate_kernels(cfg, mesh_shape)
   nproc = jax.process_count()
   if cfg.train.batch_size % nproc:
     _fail("train.batch_size", f"{cfg.train.batch_size} is not divisible by the {nproc} processes")

@@ -67,7 +67,7 @@ def make_ffw(cfg, kind: str, *, rngs: nnx.Rngs, dtype, out_scale: float) -> nnx.
                 query_dim=p.query_dim, query_norm=p.query_norm, per_head_keys=p.per_head_keys,
                 router=p.router, activation=p.activation, glu=p.glu, chunk_size=p.chunk_size,
                 value_init=p.get("value_init", "match_dense"), out_scale=out_scale,
-                rngs=rngs, dtype=dtype)
+                kernel=p.get("kernel", "auto"), rngs=rngs, dtype=dtype)
   if kind == "moe":
     from peer_jax.layers.moe import MoE
     m = cfg.moe
@@ -81,7 +81,7 @@ def make_ffw(cfg, kind: str, *, rngs: nnx.Rngs, dtype, out_scale: float) -> nnx.
     return PKM(d, num_memories=m.num_memories, heads=m.heads, top_k=m.top_k,
                key_dim=m.key_dim, query_norm=m.query_norm,
                value_init=m.get("value_init", "match_dense"), out_scale=out_scale,
-               rngs=rngs, dtype=dtype)
+               kernel=m.get("kernel", "auto"), rngs=rngs, dtype=dtype)
   raise ValueError(f"model.ffw: unknown kind {kind!r}; expected one of {FFW_KINDS}")
 
 

@@ -44,7 +44,7 @@ from flax import nnx
 
 from peer_jax import sharding
 from peer_jax.layers.common import ACTIVATIONS, fan_in_normal, param, rms_norm
-from peer_jax.ops import peer_experts, peer_experts_glu, product_key_topk
+from peer_jax.ops import product_key_topk
 
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
 ROUTERS = ("softmax", "sigmoid")
@@ -193,7 +193,16 @@ class PEER(nnx.Module):
                query_norm: str = "batchnorm", per_head_keys: bool = False,
                router: str = "softmax", activation: str = "gelu", glu: bool = False,
                chunk_size: int = 512, value_init: str = "match_dense", out_scale: float = 1.0,
+               kernel: str = "auto", interpret: str | None = None,
                rngs: nnx.Rngs, dtype=jnp.float32):
+    from peer_jax.ops.kernels import KERNELS, INTERPRETS
+    if kernel not in KERNELS:
+      raise ValueError(f"model.peer.kernel: unknown value {kernel!r}; expected one of {KERNELS}")
+    if interpret is not None and interpret not in INTERPRETS:
+      raise ValueError(f"PEER interpret must be None or one of {INTERPRETS}, got {interpret!r}")
+    # kernel: model.peer.kernel (peer_jax/ops/kernels.py). interpret: 'tpu' | 'gpu' runs
+    # that Pallas kernel in interpret mode (tests on CPU); None: compiled.
+    self.kernel, self.interpret = kernel, interpret
     if activation not in PEER_ACTIVATIONS:
       raise ValueError(f"unknown PEER activation {activation!r}; expected {PEER_ACTIVATIONS}")
     self.retrieval = ProductKeyRetrieval(
@@ -219,19 +228,33 @@ class PEER(nnx.Module):
     idx_THK = idx_BTHK.reshape(B * T, H, K)
     w_THK = w_BTHK.reshape(B * T, H, K)
     act = ACTIVATIONS[self.activation]
+    from peer_jax.ops import kernels
     ctx = sharding.current_rules()
-    if ctx is not None and ctx.mesh.size > 1:
-      # Under a multi-device mesh: the D-sharded bank (peer_jax/ops/sharded_experts.py).
+    multi = ctx is not None and ctx.mesh.size > 1
+    model_axes = ctx.axes("expert_embed") if multi else ()
+    model_shards = 1
+    if multi:
+      sizes = sharding.mesh_axis_sizes(ctx.mesh)
+      model_shards = math.prod(sizes[a] for a in model_axes)
+    impl, why = kernels.resolve_kernel(
+        self.kernel, glu=self.glu, d_model=D, slots=H * K, model_shards=model_shards,
+        num_devices=ctx.mesh.size if multi else 1, table_dtype=self.u_ND[...].dtype,
+        interpret=self.interpret)
+    kernels.log_choice(impl, why, self.kernel)
+    interpret = kernels.interpret_mode(self.interpret) is not None
+    ins = (self.u_ND[...], self.g_ND[...]) if self.glu else (self.u_ND[...],)
+    if multi:
+      # Under a multi-device mesh: the D-sharded bank (peer_jax/ops/sharded_experts.py),
+      # the chosen kernels per shard inside its shard_map.
       from peer_jax.ops.sharded_experts import sharded_peer_experts
       y_TD = sharded_peer_experts(
           x_TD, idx_THK, w_THK, self.u_ND[...], self.v_ND[...], act, mesh=ctx.mesh,
-          model_axes=ctx.axes("expert_embed"), token_axes=ctx.axes("batch"),
-          g=self.g_ND[...] if self.glu else None, chunk_size=self.chunk_size)
-    elif self.glu:  # one device: the fused FFI kernels on CPU (f32), XLA elsewhere
-      y_TD = peer_experts_glu(x_TD, idx_THK, w_THK, self.u_ND[...], self.g_ND[...],
-                              self.v_ND[...], act, chunk_size=self.chunk_size, fast_cpu=True)
-    else:
-      y_TD = peer_experts(x_TD, idx_THK, w_THK, self.u_ND[...], self.v_ND[...], act,
-                          chunk_size=self.chunk_size, fast_cpu=True)
+          model_axes=model_axes, token_axes=ctx.axes("batch"),
+          g=self.g_ND[...] if self.glu else None, chunk_size=self.chunk_size, impl=impl,
+          interpret=interpret)
+    else:  # one device (auto: the fused FFI kernels on CPU for f32, Pallas on TPU / GPU)
+      y_TD = kernels.expert_mixture(impl, x_TD, idx_THK, w_THK, ins, self.v_ND[...], act,
+                                    chunk_size=self.chunk_size, interpret=interpret,
+                                    auto=self.kernel == "auto")
     aux = {"expert_indices": idx_BTHK, "expert_weights": w_BTHK}
     return y_TD.reshape(B, T, D).astype(self.dtype), aux

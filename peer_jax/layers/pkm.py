@@ -12,6 +12,12 @@ VJP, like `peer_experts`: the forward never holds more than (chunk, heads·top_k
 gathered rows, and the backward scatter-adds the value-table gradient into one dense
 accumulator carried through a scan (no per-chunk (N, V) temporaries).
 
+Kernel switch `model.pkm.kernel` (`resolve_bag_kernel`): the bag is PEER's weighted-sum
+half, so the fused CPU FFI kernels apply as they are (gather_wsum forward, gather_dot and
+scatter_outer backward): `cpu_ffi`, and `auto` on one CPU device with an f32 table. There
+is no Pallas embedding-bag kernel yet: `pallas` is an error, and `auto` on TPU / GPU takes
+the XLA bag (logged once).
+
 Init: values std √(top_k / (2·heads)). With near-uniform softmax weights (Σ_k w² ≈ 1/k
 per head, see peer.py) the output variance per feature is ≈ heads·(1/k)·k/(2·heads)
 = 0.5, comparable to a dense 4D FFW (a² = 0.425 GELU, 0.5 ReLU); `value_init`
@@ -102,6 +108,73 @@ def embedding_bag(table_NV, indices, weights, *, chunk_size: int = 512):
   return _bag(chunk_size, table_NV, idx_TM, w_TM)
 
 
+@jax.custom_vjp
+def _bag_cpu(table_NV, idx_TM, w_TM):
+  from peer_jax.ops.cpu_experts import gather_wsum
+  return gather_wsum(table_NV, idx_TM, w_TM)
+
+
+def _bag_cpu_fwd(table_NV, idx_TM, w_TM):
+  return _bag_cpu(table_NV, idx_TM, w_TM), (table_NV, idx_TM, w_TM)
+
+
+def _bag_cpu_bwd(res, dy_TV):
+  from peer_jax.ops.cpu_experts import gather_dot, scatter_outer
+  table_NV, idx_TM, w_TM = res
+  dy_TV = dy_TV.astype(jnp.float32)
+  dw_TM = gather_dot(table_NV, idx_TM, dy_TV)
+  dtable_NV = scatter_outer(table_NV.shape[0], idx_TM, w_TM, dy_TV)
+  return dtable_NV, jnp.zeros(idx_TM.shape, jax.dtypes.float0), dw_TM
+
+
+_bag_cpu.defvjp(_bag_cpu_fwd, _bag_cpu_bwd)
+
+
+def embedding_bag_cpu(table_NV, indices, weights):
+  """`embedding_bag` through the fused CPU FFI kernels (f32 table): forward gather_wsum,
+  backward gather_dot (dweights) and scatter_outer (dtable). One CPU device only."""
+  num_tokens = indices.shape[0]
+  idx_TM = indices.reshape(num_tokens, -1).astype(jnp.int32)
+  w_TM = weights.reshape(num_tokens, -1)
+  out_dtype = jnp.result_type(table_NV, w_TM)
+  return _bag_cpu(table_NV, idx_TM, w_TM.astype(jnp.float32)).astype(out_dtype)
+
+
+def resolve_bag_kernel(kernel: str, *, num_devices: int, table_dtype, platform=None):
+  """(impl, reason) for PKM's embedding bag: 'xla' or 'cpu_ffi' (see module docstring).
+
+  Raises KernelError (one line naming model.pkm.kernel) for a setting that cannot run.
+  """
+  from peer_jax.ops import kernels
+  key = "model.pkm.kernel"
+  if kernel not in kernels.KERNELS:
+    raise kernels.KernelError(f"{key}: unknown value {kernel!r}; expected one of "
+                              f"{', '.join(kernels.KERNELS)}")
+  platform = platform or kernels.backend_platform()
+  if kernel == "pallas":
+    raise kernels.KernelError(f"{key}: pallas: there is no Pallas embedding-bag kernel yet "
+                              "(use auto or xla)")
+  if kernel == "xla":
+    return "xla", "requested"
+  f32 = jnp.dtype(table_dtype) == jnp.float32
+  if kernel == "cpu_ffi":
+    if platform != "cpu" or num_devices > 1:
+      raise kernels.KernelError(f"{key}: cpu_ffi runs only on one CPU device (backend "
+                                f"{platform}, {num_devices} devices)")
+    if not f32:
+      raise kernels.KernelError(f"{key}: cpu_ffi takes an f32 value table, got "
+                                f"{jnp.dtype(table_dtype)}")
+    from peer_jax.ops import cpu_kernels
+    if not cpu_kernels.available():
+      raise kernels.KernelError(f"{key}: cpu_ffi: the CPU FFI kernels are unavailable")
+    return "cpu_ffi", "requested"
+  if platform == "cpu" and num_devices == 1 and f32:
+    return "cpu_ffi", "one CPU device"
+  if platform == "cpu":
+    return "xla", "a CPU mesh" if num_devices > 1 else "non-f32 table"
+  return "xla", "there is no Pallas embedding-bag kernel yet"
+
+
 def embedding_bag_reference(table_NV, indices, weights):
   """Naive gather + weighted sum. For tests only."""
   t = indices.shape[0]
@@ -120,7 +193,11 @@ class PKM(nnx.Module):
   def __init__(self, d_model: int, *, num_memories: int, heads: int, top_k: int, key_dim: int,
                query_norm: str = "batchnorm", value_dim: int | None = None,
                chunk_size: int = 512, value_init: str = "match_dense", out_scale: float = 1.0,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               kernel: str = "auto", rngs: nnx.Rngs, dtype=jnp.float32):
+    from peer_jax.ops.kernels import KERNELS
+    if kernel not in KERNELS:
+      raise ValueError(f"model.pkm.kernel: unknown value {kernel!r}; expected one of {KERNELS}")
+    self.kernel = kernel
     value_dim = value_dim or d_model
     self.retrieval = ProductKeyRetrieval(
         d_model, num_keys=num_memories, heads=heads, top_k=top_k, key_dim=key_dim,
@@ -139,8 +216,22 @@ class PKM(nnx.Module):
     del segment_ids_BT, decode
     B, T, _ = x_BTD.shape
     _, idx_BTHK, w_BTHK = self.retrieval(x_BTD.astype(self.dtype), train=train)
-    y_TV = embedding_bag(self.values_NV[...], idx_BTHK.reshape(B * T, -1),
-                         w_BTHK.reshape(B * T, -1), chunk_size=self.chunk_size)
+    from peer_jax import sharding
+    from peer_jax.ops import kernels
+    ctx = sharding.current_rules()
+    table = self.values_NV[...]
+    impl, why = resolve_bag_kernel(self.kernel, table_dtype=table.dtype,
+                                   num_devices=ctx.mesh.size if ctx is not None else 1)
+    kernels.log_choice(impl, why, self.kernel, what="PKM embedding bag")
+    idx_TM, w_TM = idx_BTHK.reshape(B * T, -1), w_BTHK.reshape(B * T, -1)
+    bag = lambda tab, i, w: embedding_bag(tab, i, w, chunk_size=self.chunk_size)
+    if impl == "cpu_ffi" and self.kernel == "auto":  # as PEER: XLA if traced elsewhere
+      y_TV = jax.lax.platform_dependent(table, idx_TM, w_TM, cpu=embedding_bag_cpu,
+                                        default=bag)
+    elif impl == "cpu_ffi":
+      y_TV = embedding_bag_cpu(table, idx_TM, w_TM)
+    else:
+      y_TV = bag(table, idx_TM, w_TM)
     y_BTV = y_TV.reshape(B, T, -1).astype(self.dtype)
     if self.project:
       y_BTV = y_BTV @ self.w_out_VD[...].astype(self.dtype)

@@ -466,3 +466,16 @@ def peer_experts_pallas(x, indices, weights, u, v, activation=jax.nn.gelu, *, in
   idx_TM = indices.reshape(t, m).astype(jnp.int32)
   w_TM = weights.reshape(t, m)
   return _peer_pallas(opts, x, idx_TM, w_TM, u, v)
+
+
+def table_grads(idx_TM, a_TM, x_TD, b_TM, dy_TD, n, du_dtype, dv_dtype, *, interpret=False,
+                block_rows=DEFAULT_BLOCK_ROWS, chunk_pairs=DEFAULT_CHUNK_PAIRS):
+  """du, dv (N, D): Σ a·x[tok] and Σ b·dy[tok] per expert id, the row-backward kernel alone.
+
+  For the sharded bank (ops/sharded_experts.py): the token-major TPU kernels fuse the pair
+  dots with the weighted sum, so they cannot host the bank's psum in between; the bank
+  uses XLA gathers there and this kernel for the table gradients. Not differentiable.
+  """
+  return _table_grads(idx_TM, a_TM.astype(jnp.float32), b_TM.astype(jnp.float32),
+                      x_TD.astype(jnp.float32), dy_TD.astype(jnp.float32), n, du_dtype,
+                      dv_dtype, block_rows, chunk_pairs, bool(interpret))

@@ -309,3 +309,50 @@ def peer_experts_pallas_gpu(x, indices, weights, u, v, activation=jax.nn.gelu, *
           num_warps, interpret)
   return _peer_gpu(opts, x, indices.reshape(t, m).astype(jnp.int32), weights.reshape(t, m),
                    u, v)
+
+
+# ------------------------------------------------------ building blocks (sharded bank)
+# The three kernels one at a time, for `sharded_peer_experts` (ops/sharded_experts.py),
+# which needs a psum over the model axes between the pair dots and the weighted sum.
+# Not differentiable themselves (the bank has its own VJP). Defaults as above.
+
+
+def _block_opts(t, d, m, interpret):
+  bt = min(DEFAULT_BLOCK_TOKENS, 1 << max(0, (t - 1).bit_length()))
+  return (None, bt, DEFAULT_BLOCK_PAIRS, DEFAULT_BLOCK_ROWS, _col_block(d, DEFAULT_BLOCK_D),
+          DEFAULT_CHUNK_PAIRS, DEFAULT_NUM_WARPS, bool(interpret))
+
+
+def _pad_tokens(opts, t, m):
+  bt, bp = opts[1], opts[2]
+  return _round_up(t, max(bt, bp // math.gcd(bp, m)))
+
+
+def pair_dots(table_ND, idx_TM, src_TD, *, interpret=False):
+  """(T, M) f32: src[t] · table[idx[t, m]] (Triton pair kernel, identity epilogue)."""
+  t, m = idx_TM.shape
+  opts = _block_opts(t, src_TD.shape[1], m, interpret)
+  t_pad = _pad_tokens(opts, t, m)
+  idx = _pad_rows(idx_TM, t_pad)
+  (pre,) = _pair_call(opts, lambda w, pre: (pre,), 1, idx.reshape(-1),
+                      jnp.zeros((t_pad * m,), jnp.float32),
+                      [(_pad_rows(src_TD.astype(jnp.float32), t_pad), table_ND)])
+  return pre.reshape(t_pad, m)[:t]
+
+
+def weighted_rows(table_ND, idx_TM, coef_TM, *, interpret=False):
+  """(T, D) f32: Σ_m coef[t, m] · table[idx[t, m]] (Triton rows kernel)."""
+  t, m = idx_TM.shape
+  opts = _block_opts(t, table_ND.shape[1], m, interpret)
+  t_pad = _pad_tokens(opts, t, m)
+  return _rows_call(opts, _pad_rows(idx_TM, t_pad),
+                    _pad_rows(coef_TM.astype(jnp.float32), t_pad), table_ND)[:t]
+
+
+def table_grads(idx_TM, a_TM, x_TD, b_TM, dy_TD, n, du_dtype, dv_dtype, *, interpret=False):
+  """du, dv (N, D): Σ a·x[tok] and Σ b·dy[tok] per expert id (Triton segment-sum kernel)."""
+  t, m = idx_TM.shape
+  opts = _block_opts(t, x_TD.shape[1], m, interpret)
+  return _table_grads(opts, idx_TM, a_TM.astype(jnp.float32), b_TM.astype(jnp.float32),
+                      x_TD.astype(jnp.float32), dy_TD.astype(jnp.float32), n, du_dtype,
+                      dv_dtype)

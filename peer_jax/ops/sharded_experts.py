@@ -80,9 +80,58 @@ def _row_dots(dy_TD, idx_TM, table_ND, chunk_size, acc):
   return _from_chunks(out, dy_TD.shape[0])
 
 
+class _Prims:
+  """The per-shard building blocks of one non-XLA implementation (see `_prims`)."""
+
+  def __init__(self, impl: str, interpret: bool):
+    self.impl, self.interpret = impl, interpret
+
+  def dots(self, table_ND, idx_TM, src_TD, cs):
+    """(T, M) f32: src[t] · table[idx[t, m]] on this shard's D-slice."""
+    if self.impl == "cpu_ffi":
+      from peer_jax.ops.cpu_experts import gather_dot
+      return gather_dot(table_ND, idx_TM, src_TD.astype(jnp.float32))
+    if self.impl == "pallas_gpu":
+      from peer_jax.ops.pallas_experts_gpu import pair_dots
+      return pair_dots(table_ND, idx_TM, src_TD, interpret=self.interpret)
+    return _row_dots(src_TD, idx_TM, table_ND, cs, jnp.float32)   # pallas_tpu: XLA gathers
+
+  def rows(self, table_ND, idx_TM, coef_TM, cs):
+    """(T, D/t) f32: Σ_m coef[t, m] · table[idx[t, m]]."""
+    if self.impl == "cpu_ffi":
+      from peer_jax.ops.cpu_experts import gather_wsum
+      return gather_wsum(table_ND, idx_TM, coef_TM.astype(jnp.float32))
+    if self.impl == "pallas_gpu":
+      from peer_jax.ops.pallas_experts_gpu import weighted_rows
+      return weighted_rows(table_ND, idx_TM, coef_TM, interpret=self.interpret)
+    return _weighted_rows(coef_TM.astype(jnp.float32), idx_TM, table_ND, cs, jnp.float32)
+
+  def table_grads(self, idx_TM, pairs, n, dtypes):
+    """Per (a_TM, src_TD) in `pairs`: the (N, D/t) f32 sum of a·src[tok] per expert id."""
+    if self.impl == "cpu_ffi":
+      from peer_jax.ops.cpu_experts import scatter_outer
+      return [scatter_outer(n, idx_TM, a.astype(jnp.float32), src.astype(jnp.float32))
+              for a, src in pairs]
+    if self.impl == "pallas_gpu":
+      from peer_jax.ops.pallas_experts_gpu import table_grads
+    else:
+      from peer_jax.ops.pallas_experts import table_grads
+    (a, x), (b, dy) = pairs   # Pallas: no GLU, so exactly (u, v)
+    return list(table_grads(idx_TM, a, x, b, dy, n, dtypes[0], dtypes[1],
+                            interpret=self.interpret))
+
+
 def _build(activation: Callable, chunk_size: int, mesh: Mesh, token_axes: tuple[str, ...],
-           model_axes: tuple[str, ...], num_ins: int):
-  """The custom-VJP function for one static setting (mesh, axes, activation, chunking)."""
+           model_axes: tuple[str, ...], num_ins: int, impl: str = "xla",
+           interpret: bool = False):
+  """The custom-VJP function for one static setting (mesh, axes, activation, chunking,
+  implementation of the per-shard gathers / sums: see `sharded_peer_experts`)."""
+  if impl == "pallas_tpu" and not model_axes:
+    # D is not split: each shard runs the whole fused Mosaic kernel on its tokens.
+    return _build_local(activation, mesh, token_axes, impl, interpret)
+  if impl != "xla":
+    return _build_prims(activation, chunk_size, mesh, token_axes, model_axes, num_ins,
+                        _Prims(impl, interpret))
   tok = token_axes or None
   mod = model_axes or None
   x_spec = P(tok, mod)       # (T, D): tokens over token axes, features over model axes
@@ -163,9 +212,111 @@ def _build(activation: Callable, chunk_size: int, mesh: Mesh, token_axes: tuple[
   return bank
 
 
+def _build_local(activation, mesh, token_axes, impl, interpret):
+  """No model axes: the single-device kernel on each shard's tokens (all rows, all of D),
+  its own VJP inside the shard_map, then the data-parallel psum of the table gradients."""
+  from peer_jax.ops.pallas_experts import peer_experts_pallas
+  tok = token_axes or None
+  x_spec, tm_spec, table_spec = P(tok, None), P(tok, None), P(None, None)
+  smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+
+  def op(x_TD, idx_TM, w_TM, u_ND, v_ND):
+    return peer_experts_pallas(x_TD, idx_TM[:, None, :], w_TM[:, None, :], u_ND, v_ND,
+                               activation, interpret=interpret)
+
+  fwd_map = smap(op, in_specs=(x_spec, tm_spec, tm_spec, table_spec, table_spec),
+                 out_specs=x_spec)
+
+  def bwd_body(x_TD, idx_TM, w_TM, u_ND, v_ND, dy_TD):
+    _, vjp = jax.vjp(lambda x, w, u, v: op(x, idx_TM, w, u, v), x_TD, w_TM, u_ND, v_ND)
+    dx, dw, du, dv = vjp(dy_TD)
+    psum = lambda d: _psum(d.astype(jnp.float32), token_axes).astype(d.dtype)
+    return dx, dw, psum(du), psum(dv)
+
+  bwd_map = smap(bwd_body, in_specs=(x_spec, tm_spec, tm_spec, table_spec, table_spec, x_spec),
+                 out_specs=(x_spec, tm_spec, table_spec, table_spec))
+
+  @jax.custom_vjp
+  def bank(x_TD, idx_TM, w_TM, u_ND, v_ND):
+    return fwd_map(x_TD, idx_TM, w_TM, u_ND, v_ND)
+
+  def bank_fwd(x_TD, idx_TM, w_TM, u_ND, v_ND):
+    return fwd_map(x_TD, idx_TM, w_TM, u_ND, v_ND), (x_TD, idx_TM, w_TM, u_ND, v_ND)
+
+  def bank_bwd(res, dy_TD):
+    x_TD, idx_TM, w_TM, u_ND, v_ND = res
+    dx, dw, du, dv = bwd_map(x_TD, idx_TM, w_TM, u_ND, v_ND, dy_TD.astype(x_TD.dtype))
+    return dx, None, dw, du, dv
+
+  bank.defvjp(bank_fwd, bank_bwd)
+  return bank
+
+
+def _build_prims(activation, chunk_size, mesh, token_axes, model_axes, num_ins, prims):
+  """Like `_build`'s XLA version, with the gathers and sums of `prims` on each shard.
+
+  Same communication: one psum of tokens·M scalars per input table forward, one backward,
+  and the data-parallel psum of the table-gradient slices.
+  """
+  tok = token_axes or None
+  mod = model_axes or None
+  x_spec, tm_spec, table_spec = P(tok, mod), P(tok, None), P(None, mod)
+  smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+
+  def fwd_body(x_TD, idx_TM, w_TM, *tables):
+    ins, v_ND = tables[:-1], tables[-1]
+    cs = max(1, min(chunk_size, x_TD.shape[0]))
+    pre = tuple(_psum(prims.dots(t, idx_TM, x_TD, cs), model_axes) for t in ins)
+    coef_TM = w_TM.astype(jnp.float32) * _hidden(activation, pre)
+    y_TD = prims.rows(v_ND, idx_TM, coef_TM, cs)
+    return (y_TD.astype(jnp.result_type(x_TD, w_TM, v_ND, *ins)),) + pre
+
+  fwd_map = smap(fwd_body, in_specs=(x_spec, tm_spec, tm_spec) + (table_spec,) * (num_ins + 1),
+                 out_specs=(x_spec,) + (tm_spec,) * num_ins)
+
+  def bwd_body(x_TD, idx_TM, w_TM, dy_TD, *rest):
+    pre, tables = rest[:num_ins], rest[num_ins:]
+    ins, v_ND = tables[:-1], tables[-1]
+    cs = max(1, min(chunk_size, x_TD.shape[0]))
+    w32 = w_TM.astype(jnp.float32)
+    h_TM, h_vjp = jax.vjp(lambda *p: _hidden(activation, p), *pre)
+    dcoef_TM = _psum(prims.dots(v_ND, idx_TM, dy_TD, cs), model_axes)
+    dw_TM = dcoef_TM * h_TM
+    dpre = h_vjp(dcoef_TM * w32)
+    dx_TD = sum(prims.rows(t, idx_TM, dp, cs) for t, dp in zip(ins, dpre))
+    pairs = [(dp, x_TD) for dp in dpre] + [(w32 * h_TM, dy_TD)]
+    grads = prims.table_grads(idx_TM, pairs, v_ND.shape[0], [t.dtype for t in tables])
+    dtables = tuple(_psum(d.astype(jnp.float32), token_axes).astype(t.dtype)
+                    for d, t in zip(grads, tables))
+    return (dx_TD.astype(x_TD.dtype), dw_TM.astype(w_TM.dtype)) + dtables
+
+  bwd_map = smap(bwd_body,
+                 in_specs=(x_spec, tm_spec, tm_spec, x_spec) + (tm_spec,) * num_ins
+                 + (table_spec,) * (num_ins + 1),
+                 out_specs=(x_spec, tm_spec) + (table_spec,) * (num_ins + 1))
+
+  @jax.custom_vjp
+  def bank(x_TD, idx_TM, w_TM, *tables):
+    return fwd_map(x_TD, idx_TM, w_TM, *tables)[0]
+
+  def bank_fwd(x_TD, idx_TM, w_TM, *tables):
+    y_TD, *pre = fwd_map(x_TD, idx_TM, w_TM, *tables)
+    return y_TD, (x_TD, idx_TM, w_TM, tuple(pre), tables)
+
+  def bank_bwd(res, dy_TD):
+    x_TD, idx_TM, w_TM, pre, tables = res
+    dx_TD, dw_TM, *dtables = bwd_map(x_TD, idx_TM, w_TM, dy_TD.astype(x_TD.dtype), *pre,
+                                     *tables)
+    return (dx_TD, None, dw_TM, *dtables)
+
+  bank.defvjp(bank_fwd, bank_bwd)
+  return bank
+
+
 @functools.lru_cache(maxsize=64)
-def _cached_build(activation, chunk_size, mesh, token_axes, model_axes, num_ins):
-  return _build(activation, chunk_size, mesh, token_axes, model_axes, num_ins)
+def _cached_build(activation, chunk_size, mesh, token_axes, model_axes, num_ins, impl="xla",
+                  interpret=False):
+  return _build(activation, chunk_size, mesh, token_axes, model_axes, num_ins, impl, interpret)
 
 
 def _axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
@@ -176,7 +327,8 @@ def _axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
 def sharded_peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *, mesh: Mesh,
                          model_axes: Sequence[str] = ("tensor",),
                          token_axes: Sequence[str] = ("data", "fsdp"),
-                         g=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+                         g=None, chunk_size: int = DEFAULT_CHUNK_SIZE, impl: str = "xla",
+                         interpret: bool = False):
   """PEER expert mixture with the tables split along D over `model_axes` of `mesh`.
 
   Args:
@@ -187,6 +339,12 @@ def sharded_peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *, m
     mesh: the device mesh; model_axes split D, token_axes split T (an axis may not be in
       both; axes of size 1 may be listed and cost nothing).
     chunk_size: tokens per chunk on each device (static).
+    impl: the per-shard implementation, resolved by `peer_jax.ops.kernels.resolve_kernel`:
+      "xla" (chunked gathers and scatter-adds), "cpu_ffi" (the fused FFI kernels on each
+      shard's slice), "pallas_gpu" (the three Triton kernels one by one), "pallas_tpu"
+      (with model axes: XLA gathers and the TPU row-backward kernel for the table
+      gradients; without: the whole fused Mosaic kernel per shard). Pallas: no GLU.
+    interpret: run a Pallas impl in interpret mode (tests on CPU).
 
   Returns:
     y: (T, D), equal to `peer_experts(x, indices, weights, u, v, activation)`.
@@ -207,5 +365,8 @@ def sharded_peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *, m
   idx_TM = indices.reshape(num_tokens, -1).astype(jnp.int32)
   w_TM = weights.reshape(num_tokens, -1)
   ins = (u,) if g is None else (u, g)
-  bank = _cached_build(activation, int(chunk_size), mesh, token_axes, model_axes, len(ins))
+  if impl.startswith("pallas") and g is not None:
+    raise ValueError(f"sharded expert bank: {impl} has no GLU variant")
+  bank = _cached_build(activation, int(chunk_size), mesh, token_axes, model_axes, len(ins),
+                       impl, bool(interpret))
   return bank(x, idx_TM, w_TM, *ins, v)
