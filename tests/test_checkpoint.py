@@ -72,6 +72,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # ~4 min on 2 cores; SIGTERM and sync-save resumes check exactness by default
 def test_resume_after_kill_9_is_bit_exact(tmp_path, reference):
   workdir = tmp_path / "run"
   proc, _, err = _run_until(workdir, 9, signal.SIGKILL, "--config.train.steps=40",

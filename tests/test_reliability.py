@@ -105,8 +105,10 @@ def test_every_key_has_a_group():
     assert ck.key_group(key) == "applied", key
 
 
+# table_lr_scale=1 with table_lr_schedule=follow is one shared AdamW again: the tables'
+# own optimizer branch (the default, 4x decaying to 1x) disappears from the state.
 @pytest.mark.parametrize("change", [{"grad_clip": 0.0}, {"table_optimizer": "lazy_adam"},
-                                    {"table_lr_scale": 0.5}])
+                                    {"table_lr_scale": 1.0, "table_lr_schedule": "follow"}])
 def test_optimizer_structure_change_is_refused_not_damage(tmp_path, change):
   _save(tmp_path, _cfg(), [2, 4])
   with pytest.raises(ConfigError) as e:
