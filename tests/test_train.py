@@ -82,7 +82,10 @@ def test_non_finite_loss_stops_with_message():
     check_finite(7, {"train/loss": float("nan")})
 
 
-@pytest.mark.parametrize("ffw", ["peer", "pkm", "moe"])
+# PKM and MoE learning is also covered by the ablations' committed runs and the fairness
+# tests; their end-to-end runs go with the slow tests to keep the default suite short.
+@pytest.mark.parametrize("ffw", ["peer", pytest.param("pkm", marks=pytest.mark.slow),
+                                 pytest.param("moe", marks=pytest.mark.slow)])
 def test_expert_models_learn_on_wikitext(tmp_path, ffw):
   cfg = tiny_config(ffw)
   cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 64, 2, 128
