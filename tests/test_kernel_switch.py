@@ -226,14 +226,9 @@ def test_pkm_bag_kernels_match_reference(kernel):
 
 
 def run_worker(worker: str, args: dict, devices: int = 8, timeout: int = 900) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), worker, json.dumps(args)],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-  assert out.returncode == 0, out.stderr[-4000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  """This file as the worker script of test_sharding's subprocess runner."""
+  from tests.test_sharding import run_worker as run_script_worker
+  return run_script_worker(worker, args, devices, timeout, script=__file__)
 
 
 def worker_mesh(args):

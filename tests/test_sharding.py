@@ -22,12 +22,14 @@ MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 LOSS_RTOL = 1e-4
 
 
-def run_worker(worker: str, args: dict, devices: int = 8, timeout: int = 900) -> dict:
+def run_worker(worker: str, args: dict, devices: int = 8, timeout: int = 900,
+               script: str = __file__) -> dict:
+  """Run `script WORKER ARGS_JSON` with `devices` host devices; its last stdout line (JSON)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("JAX_PLATFORMS", "cpu")
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), worker, json.dumps(args)],
+  out = subprocess.run([sys.executable, os.path.abspath(script), worker, json.dumps(args)],
                        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
