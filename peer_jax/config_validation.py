@@ -8,59 +8,24 @@ import os
 
 import jax
 
-from peer_jax import sharding
+from peer_jax import kinds, sharding
 from peer_jax.data.sources import TEXT_FORMATS, DataError, check_sources
+from peer_jax.kinds import checks
+from peer_jax.kinds.checks import ConfigError  # noqa: F401 (the stable name)
 from peer_jax.layers.common import DTYPES
 from peer_jax.layers.ffw import FFW_ACTIVATIONS
-from peer_jax.model import FFW_KINDS, expert_layer_indices
-from peer_jax.layers.moe import MOE_ROUTINGS
-from peer_jax.layers.peer import VALUE_INITS
+from peer_jax.layers.peer import PEER_ACTIVATIONS, PLACEMENTS, QUERY_NORMS, ROUTERS  # noqa: F401
+from peer_jax.model import expert_layer_indices
 from peer_jax.optim import TABLE_KINDS, TABLE_LR_SCHEDULES
 
-QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
-ROUTERS = ("softmax", "sigmoid")
-EXPERT_ACTIVATIONS = ("gelu", "relu")
-PLACEMENTS = ("replace", "parallel")
+EXPERT_ACTIVATIONS = PEER_ACTIVATIONS
 
-
-class ConfigError(ValueError):
-  """An impossible config value; str() is one line starting with the key."""
-
-
-def _fail(key: str, msg: str):
-  raise ConfigError(f"{key}: {msg}")
-
-
-def _positive_int(cfg, key: str, allow_zero: bool = False):
-  value = _get(cfg, key)
-  low = 0 if allow_zero else 1
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    _fail(key, f"must be an integer >= {low}, got {value!r}")
-  return value
-
-
-def _positive_float(cfg, key: str, allow_zero: bool = False):
-  value = _get(cfg, key)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-      or value < 0 or (value == 0 and not allow_zero):
-    _fail(key, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-  return value
-
-
-def _choice(cfg, key: str, choices):
-  value = _get(cfg, key)
-  if value not in choices:
-    _fail(key, f"unknown value {value!r}; expected one of {', '.join(map(str, choices))}")
-  return value
-
-
-def _get(cfg, key: str):
-  node = cfg
-  for part in key.split("."):
-    if part not in node:
-      _fail(key, "missing from the config (start configs from configs/base.py)")
-    node = node[part]
-  return node
+_fail = checks.fail
+_positive_int = checks.positive_int
+_positive_float = checks.positive_float
+_choice = checks.choice
+_get = checks.get
+_square_root = checks.square_root
 
 
 def _file(cfg, key: str, path: str):
@@ -79,66 +44,14 @@ def validate_model(cfg) -> None:
   _positive_int(cfg, "model.vocab_size")
   _positive_int(cfg, "model.d_ff")
   _choice(cfg, "model.ffw_activation", FFW_ACTIVATIONS)
-  kind = _choice(cfg, "model.ffw", FFW_KINDS)
+  kind = kinds.get(_choice(cfg, "model.ffw", kinds.names()))
   _choice(cfg, "model.dtype", tuple(DTYPES))
   _positive_float(cfg, "model.rope_theta")
   try:
     expert_layer_indices(cfg.model.ffw_layers, layers)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if kind == "peer":
-    validate_peer(cfg)
-  elif kind == "moe":
-    _positive_int(cfg, "model.moe.num_experts")
-    _positive_int(cfg, "model.moe.d_ff", allow_zero=True)
-    _positive_float(cfg, "model.moe.capacity_factor")
-    routing = _choice(cfg, "model.moe.routing", MOE_ROUTINGS)
-    if routing == "token_choice":
-      k = _positive_int(cfg, "model.moe.top_k")
-      if k > cfg.model.moe.num_experts:
-        _fail("model.moe.top_k", f"{k} exceeds model.moe.num_experts={cfg.model.moe.num_experts}")
-      _positive_float(cfg, "model.moe.aux_loss_coef", allow_zero=True)
-  elif kind == "pkm":
-    n = _square_root(cfg, "model.pkm.num_memories")
-    _positive_int(cfg, "model.pkm.heads")
-    k = _positive_int(cfg, "model.pkm.top_k")
-    if k > n:
-      _fail("model.pkm.top_k", f"{k} exceeds sqrt(model.pkm.num_memories)={n}")
-    if _positive_int(cfg, "model.pkm.key_dim") % 2:
-      _fail("model.pkm.key_dim", f"must be even (two product-key halves), got {cfg.model.pkm.key_dim}")
-    _choice(cfg, "model.pkm.query_norm", QUERY_NORMS)
-    _choice(cfg, "model.pkm.value_init", VALUE_INITS)
-    from peer_jax.ops.kernels import KERNELS
-    if "kernel" in cfg.model.pkm:
-      _choice(cfg, "model.pkm.kernel", KERNELS)
-
-
-def _square_root(cfg, key: str) -> int:
-  n_sq = _positive_int(cfg, key)
-  n = math.isqrt(n_sq)
-  if n * n != n_sq:
-    _fail(key, f"{n_sq} is not a perfect square (product keys need N = n*n)")
-  return n
-
-
-def validate_peer(cfg) -> None:
-  n = _square_root(cfg, "model.peer.num_experts")
-  _positive_int(cfg, "model.peer.heads")
-  k = _positive_int(cfg, "model.peer.top_k")
-  if k > n:
-    _fail("model.peer.top_k", f"{k} exceeds sqrt(model.peer.num_experts)={n}")
-  qd = _positive_int(cfg, "model.peer.query_dim")
-  if qd % 2:
-    _fail("model.peer.query_dim", f"must be even (two product-key halves), got {qd}")
-  _choice(cfg, "model.peer.query_norm", QUERY_NORMS)
-  _choice(cfg, "model.peer.router", ROUTERS)
-  _choice(cfg, "model.peer.activation", EXPERT_ACTIVATIONS)
-  _choice(cfg, "model.peer.placement", PLACEMENTS)
-  _positive_int(cfg, "model.peer.chunk_size")
-  _choice(cfg, "model.peer.value_init", VALUE_INITS)
-  from peer_jax.ops.kernels import KERNELS
-  if "kernel" in cfg.model.peer:
-    _choice(cfg, "model.peer.kernel", KERNELS)
+  kind.validate(cfg, checks)
 
 
 def validate_kernels(cfg, mesh_shape, platform: str | None = None) -> None:
@@ -147,23 +60,13 @@ def validate_kernels(cfg, mesh_shape, platform: str | None = None) -> None:
   `pallas` on CPU, `cpu_ffi` on an accelerator, or a shape the compiled kernels do not take
   fail here, before anything is traced. `auto` never fails (it falls back to XLA).
   """
-  from peer_jax.ops.kernels import KernelError, resolve_kernel
-  from peer_jax.layers.pkm import resolve_bag_kernel
-  from peer_jax.layers.common import DTYPES
-  kind = cfg.model.ffw
+  from peer_jax.ops.kernels import KernelError
+  kind = kinds.get(cfg.model.ffw)
   sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
-  num_devices = math.prod(mesh_shape)
   rules = tuple(cfg.sharding.rules) if "sharding" in cfg else ()
   try:
-    if kind == "peer" and "kernel" in cfg.model.peer:
-      p = cfg.model.peer
-      shards = math.prod(sizes.get(a, 1) for a in sharding.rule_axes(rules, "expert_embed"))
-      resolve_kernel(p.kernel, glu=bool(p.glu), d_model=cfg.model.d_model,
-                     slots=p.heads * p.top_k, model_shards=shards if num_devices > 1 else 1,
-                     num_devices=num_devices, platform=platform)
-    elif kind == "pkm" and "kernel" in cfg.model.pkm:
-      resolve_bag_kernel(cfg.model.pkm.kernel, num_devices=num_devices,
-                         table_dtype=DTYPES["float32"], platform=platform)
+    kind.validate_kernel(cfg, sizes=sizes, rules=rules, num_devices=math.prod(mesh_shape),
+                         platform=platform)
   except KernelError as e:
     raise ConfigError(str(e)) from None
 
@@ -264,10 +167,10 @@ def validate_sharding(cfg, mesh_shape) -> None:
             f"{', '.join(sharding.MESH_AXES)}")
   if all(s == 1 for s in sizes.values()):
     return
-  if cfg.model.ffw in ("peer", "pkm") and any(
-      sizes[a] > 1 for a in sharding.rule_axes(rules, "experts")):
-    _fail("sharding.rules", "'experts' must map to None: expert tables are sharded along D "
-          "('expert_embed'), never by rows")
+  for name in kinds.get(cfg.model.ffw).unsharded_names:
+    if any(sizes[a] > 1 for a in sharding.rule_axes(rules, name)):
+      _fail("sharding.rules", f"'{name}' must map to None: expert tables are sharded along D "
+            "('expert_embed'), never by rows")
   from flax import nnx
   from peer_jax.model import Transformer
   model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))

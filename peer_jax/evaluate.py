@@ -68,13 +68,9 @@ def lm_metrics(loss_sum: float, count: float, num_bytes: float) -> dict[str, flo
 
 
 def expert_layers(model_cfg) -> dict[str, int]:
-  """{block name: number of experts} of every block whose FFW retrieves experts (PEER/PKM)."""
-  from peer_jax.model import expert_layer_indices
-  sizes = {"peer": lambda: model_cfg.peer.num_experts, "pkm": lambda: model_cfg.pkm.num_memories}
-  if model_cfg.ffw not in sizes:
-    return {}
-  n = int(sizes[model_cfg.ffw]())
-  return {f"block_{i}": n for i in expert_layer_indices(model_cfg.ffw_layers, model_cfg.num_layers)}
+  """{block name: number of experts} of every block whose FFW retrieves experts (the
+  kind's pool: PEER, PKM, Memory+)."""
+  return expert_stats.expert_pools(model_cfg)
 
 
 def accumulate_routing(aux: dict, valid_BT, layers: dict[str, int]) -> dict[str, jax.Array]:

@@ -30,7 +30,19 @@ def expert_unevenness(z_N):
   return jnp.log(z_N.shape[0]).astype(jnp.float32) + jnp.sum(jnp.where(p_N > 0, p_N * jnp.log(safe), 0.0))
 
 
+def expert_pools(model_cfg) -> dict[str, int]:
+  """{block name: experts it chooses among} of every block whose FFW retrieves experts
+  (the kind's pool size; {} for kinds without usage statistics, e.g. dense and MoE)."""
+  from peer_jax import kinds
+  from peer_jax.model import expert_layer_indices
+  n = kinds.get(model_cfg.ffw).pool_size(model_cfg)
+  if n is None:
+    return {}
+  return {f"block_{i}": int(n)
+          for i in expert_layer_indices(model_cfg.ffw_layers, model_cfg.num_layers)}
+
+
 def expert_stats(aux, num_experts: int):
-  """{'usage', 'unevenness'} of one step from a PEER/PKM aux dict."""
+  """{'usage', 'unevenness'} of one step from an aux dict with expert_indices/weights."""
   z_N = accumulate_expert_weights(aux["expert_indices"], aux["expert_weights"], num_experts)
   return {"usage": expert_usage(z_N), "unevenness": expert_unevenness(z_N)}

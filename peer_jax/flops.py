@@ -35,7 +35,9 @@ import math
 import time
 from typing import Any
 
-from peer_jax.layers.moe import expert_capacity
+from peer_jax import kinds
+from peer_jax.kinds.moe import moe_capacity, moe_choices_per_token, moe_experts_per_token  # noqa: F401
+from peer_jax.layers.peer import exact_sqrt, query_norm_params
 from peer_jax.model import expert_layer_indices
 
 # --------------------------------------------------------------------------- helpers
@@ -46,33 +48,12 @@ def _expert_layers(m) -> tuple[int, ...]:
 
 
 def _isqrt_exact(num: int, what: str) -> int:
-  n = math.isqrt(int(num))
-  if n * n != num:
-    raise ValueError(f"{what} must be a perfect square, got {num}")
-  return n
+  return exact_sqrt(int(num), what)
 
 
-def moe_choices_per_token(e) -> int:
-  """Expert slots a token asks for: 1 with expert choice, top_k with token choice."""
-  return int(e.get("top_k", 2)) if e.get("routing", "expert_choice") == "token_choice" else 1
-
-
-def moe_capacity(seq_len: int, num_experts: int, capacity_factor: float, top_k: int = 1) -> int:
-  """Slots each MoE expert computes per sequence: min(T·k, ceil(T·k·capacity_factor/E)), >= 1."""
-  return expert_capacity(seq_len, num_experts, capacity_factor, top_k)
-
-
-def moe_experts_per_token(m, seq_len: int | None = None) -> float:
-  """Expert FFWs computed per token: E·C/T slots (≈ capacity_factor, × top_k with token
-  choice). Every slot is computed whether or not a token fills it, so this is the cost.
-
-  Without seq_len, the value the ceil/clip rounding tends to.
-  """
-  e = m.moe
-  k = moe_choices_per_token(e)
-  if seq_len is None:
-    return float(min(e.capacity_factor * k, e.num_experts * k))
-  return e.num_experts * moe_capacity(seq_len, e.num_experts, e.capacity_factor, k) / seq_len
+def _dense_blocks(m, kind, n_exp: int) -> int:
+  """Blocks holding a dense FFW: those outside model.ffw_layers, plus those the kind keeps."""
+  return m.num_layers - n_exp + n_exp * kind.dense_ffws(m)
 
 
 def _ffw_width_flops(d: int, f: int, activation: str) -> int:
@@ -92,49 +73,16 @@ def _block_terms(m, seq_len: int) -> dict[str, float]:
   """Forward FLOPs per token summed over all blocks, split by component."""
   d, L = m.d_model, m.num_layers
   inner = _attn_inner(m)
-  expert_layers = _expert_layers(m)
-  kind = m.ffw
-  n_exp = len(expert_layers)
-  n_dense = L - n_exp if kind != "dense" else L
-  if kind == "peer" and m.peer.placement == "parallel":
-    n_dense += n_exp  # the parallel dense FFW beside each PEER layer
+  kind = kinds.get(m.ffw)
+  n_exp = len(_expert_layers(m))
 
   t: dict[str, float] = {}
   t["attention_qkvo"] = L * 8 * d * inner
   # Per query: QKᵀ against T keys (2·T·inner) and probs·V (2·T·inner).
   t["attention_scores"] = L * 4 * seq_len * inner
   t["attention_scores_causal"] = L * 4 * inner * (seq_len + 1) / 2
-  t["dense_ffw"] = n_dense * _ffw_width_flops(d, m.d_ff, m.ffw_activation)
-
-  if kind == "peer" and n_exp:
-    p = m.peer
-    n = _isqrt_exact(p.num_experts, "model.peer.num_experts")
-    h, k, q = p.heads, p.top_k, p.query_dim
-    t["peer_query"] = n_exp * 2 * d * h * q
-    # Each head's two query halves (q/2 dims) against √N sub-keys each: 2·2·√N·q/2.
-    t["peer_subkey_scores"] = n_exp * 2 * h * n * q
-    t["peer_candidate_sums"] = n_exp * h * k * k  # s1[a] + s2[b] for the k×k candidates
-    # u_i·x for h·k experts (2·h·k·D; GLU adds g_i·x), then Σ w·σ·v_i (2·h·k·D).
-    t["peer_experts_in"] = n_exp * (4 if p.glu else 2) * h * k * d
-    t["peer_experts_out"] = n_exp * 2 * h * k * d
-    t["peer_topk_ops"] = n_exp * h * (2 * n + k * k)
-  elif kind == "moe" and n_exp:
-    e = m.moe
-    f = e.d_ff or m.d_ff
-    t["moe_router"] = n_exp * 2 * d * e.num_experts
-    t["moe_experts"] = (n_exp * moe_experts_per_token(m, seq_len)
-                        * _ffw_width_flops(d, f, m.ffw_activation))
-    t["moe_topk_ops"] = n_exp * e.num_experts  # expert choice: each expert ranks the T tokens
-    # (E·T / T); token choice: each token ranks the E experts
-  elif kind == "pkm" and n_exp:
-    p = m.pkm
-    n = _isqrt_exact(p.num_memories, "model.pkm.num_memories")
-    h, k, q = p.heads, p.top_k, p.key_dim
-    t["pkm_query"] = n_exp * 2 * d * h * q
-    t["pkm_subkey_scores"] = n_exp * 2 * h * n * q
-    t["pkm_candidate_sums"] = n_exp * h * k * k
-    t["pkm_values"] = n_exp * 2 * h * k * d  # weighted sum of h·k value rows (value_dim = D)
-    t["pkm_topk_ops"] = n_exp * h * (2 * n + k * k)
+  t["dense_ffw"] = _dense_blocks(m, kind, n_exp) * _ffw_width_flops(d, m.d_ff, m.ffw_activation)
+  t.update(kind.flop_terms(m, n_exp, seq_len))
   return t
 
 
@@ -158,6 +106,7 @@ def flops_per_token(model_cfg, seq_len: int, *, training: bool = False) -> dict[
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
   blocks = _block_terms(m, seq_len)
+  kind_keys = set(kinds.get(m.ffw).flop_terms(m, len(_expert_layers(m)), seq_len))
   out: dict[str, float] = {"embedding": 0.0, "unembedding": float(2 * m.d_model * m.vocab_size)}
   out.update({k: float(v) for k, v in blocks.items()})
 
@@ -174,7 +123,7 @@ def flops_per_token(model_cfg, seq_len: int, *, training: bool = False) -> dict[
         if is_ops(key):
           out[key] *= 2.0  # recomputed forward repeats the top-k selections
 
-  expert_keys = [k for k in out if k.split("_")[0] in ("peer", "moe", "pkm") and not is_ops(k)]
+  expert_keys = [k for k in out if k in kind_keys and not is_ops(k)]
   out["expert_layer"] = sum(out[k] for k in expert_keys)
   out["blocks"] = sum(out[k] for k in block_flop_keys)
   out["total"] = out["embedding"] + out["unembedding"] + out["blocks"]
@@ -195,11 +144,7 @@ def gathered_elements_per_token(model_cfg) -> dict[str, int]:
   m = model_cfg
   n_exp = len(_expert_layers(m))
   out = {"embedding": m.d_model}
-  if n_exp and m.ffw == "peer":
-    p = m.peer
-    out["peer"] = n_exp * (3 if p.glu else 2) * p.heads * p.top_k * m.d_model
-  elif n_exp and m.ffw == "pkm":
-    out["pkm"] = n_exp * m.pkm.heads * m.pkm.top_k * m.d_model
+  out.update(kinds.get(m.ffw).gathered(m, n_exp))
   out["total"] = sum(out.values())
   return out
 
@@ -207,9 +152,7 @@ def gathered_elements_per_token(model_cfg) -> dict[str, int]:
 # ------------------------------------------------------------------------- parameters
 
 
-def _norm_params(query_norm: str, q_dim: int) -> int:
-  """Learned parameters of the query norm (BatchNorm's running stats are not Params)."""
-  return {"batchnorm": 2, "layernorm": 2, "rmsnorm": 1, "none": 0}[query_norm] * q_dim
+_norm_params = query_norm_params
 
 
 def param_counts(model_cfg, seq_len: int | None = None) -> dict[str, int]:
@@ -230,43 +173,17 @@ def param_counts(model_cfg, seq_len: int | None = None) -> dict[str, int]:
   m = model_cfg
   d, v, L = m.d_model, m.vocab_size, m.num_layers
   inner = _attn_inner(m)
-  expert_layers = _expert_layers(m)
-  n_exp = len(expert_layers)
+  kind = kinds.get(m.ffw)
+  n_exp = len(_expert_layers(m))
   dense_ffw = (3 if m.ffw_activation == "swiglu" else 2) * d * m.d_ff
-  n_dense = L - n_exp if m.ffw != "dense" else L
-  if m.ffw == "peer" and m.peer.placement == "parallel":
-    n_dense += n_exp
+  n_dense = _dense_blocks(m, kind, n_exp)
 
   embedding = v * d * (1 if m.tie_embeddings else 2)
   dense = (L * (2 * d + 4 * d * inner)  # two RMSNorm scales + attention per block
            + d                          # final norm
            + n_dense * dense_ffw)
-  tables = 0
-  active_tables = 0.0
-  if n_exp and m.ffw == "peer":
-    p = m.peer
-    n = _isqrt_exact(p.num_experts, "model.peer.num_experts")
-    q_dim = p.heads * p.query_dim
-    keys = 2 * n * (p.query_dim // 2) * (p.heads if p.per_head_keys else 1)
-    dense += n_exp * (d * q_dim + _norm_params(p.query_norm, q_dim) + keys)
-    rows = 3 if p.glu else 2
-    tables = n_exp * rows * p.num_experts * d
-    active_tables = n_exp * rows * p.heads * p.top_k * d
-  elif n_exp and m.ffw == "moe":
-    e = m.moe
-    f = e.d_ff or m.d_ff
-    per_expert = (3 if m.ffw_activation == "swiglu" else 2) * d * f
-    dense += n_exp * d * e.num_experts
-    tables = n_exp * e.num_experts * per_expert
-    active_tables = n_exp * moe_experts_per_token(m, seq_len) * per_expert
-  elif n_exp and m.ffw == "pkm":
-    p = m.pkm
-    n = _isqrt_exact(p.num_memories, "model.pkm.num_memories")
-    q_dim = p.heads * p.key_dim
-    keys = 2 * p.heads * n * (p.key_dim // 2)  # PKM always uses per-head sub-keys
-    dense += n_exp * (d * q_dim + _norm_params(p.query_norm, q_dim) + keys)
-    tables = n_exp * p.num_memories * d
-    active_tables = n_exp * p.heads * p.top_k * d
+  kind_dense, tables, active_tables = kind.param_counts(m, n_exp, seq_len)
+  dense += kind_dense
 
   total = embedding + dense + tables
   active = int(round(embedding + dense + active_tables))

@@ -1,7 +1,8 @@
-"""Decoder-only transformer whose blocks hold a dense, MoE, PKM or PEER feed-forward layer.
+"""Decoder-only transformer whose blocks hold a feed-forward layer of any registered kind.
 
-Which FFW each block uses comes from the config (`model.ffw`, `model.ffw_layers`); the
-layers themselves know nothing of configs or training.
+Which FFW each block uses comes from the config (`model.ffw`, `model.ffw_layers`); how a
+kind is built comes from its entry in `peer_jax.kinds`. The layers themselves know
+nothing of configs or training.
 """
 
 from typing import Any
@@ -10,12 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peer_jax import sharding
+from peer_jax import kinds, sharding
 from peer_jax.layers.attention import Attention
 from peer_jax.layers.common import DTYPES, RMSNorm, fan_in_normal, param
-from peer_jax.layers.ffw import DenseFFW
 
-FFW_KINDS = ("dense", "moe", "pkm", "peer")
+FFW_KINDS = kinds.names()
+DENSE = kinds.DENSE  # the kind of the blocks outside model.ffw_layers
 
 
 def expert_layer_indices(ffw_layers: str, num_layers: int) -> tuple[int, ...]:
@@ -47,56 +48,37 @@ def is_causal(cfg) -> bool:
   """Whether the model's output at position t depends only on tokens <= t (in eval mode;
   in training, query batch-norm pools statistics over the whole batch, as in the paper).
 
-  Expert-choice MoE ranks each expert's tokens over the whole sequence, so it is not.
+  The kind decides (expert-choice MoE ranks each expert's tokens over the whole sequence,
+  so it is not).
   """
-  from peer_jax.layers.moe import CAUSAL_ROUTINGS
-  if cfg.ffw == "moe" and expert_layer_indices(cfg.ffw_layers, cfg.num_layers):
-    return cfg.moe.get("routing", "expert_choice") in CAUSAL_ROUTINGS
+  if expert_layer_indices(cfg.ffw_layers, cfg.num_layers):
+    return kinds.get(cfg.ffw).causal(cfg)
   return True
 
 
-def make_ffw(cfg, kind: str, *, rngs: nnx.Rngs, dtype, out_scale: float) -> nnx.Module:
-  """The FFW layer of one block, built from the `model` config section."""
-  d = cfg.d_model
-  if kind == "dense":
-    return DenseFFW(d, cfg.d_ff, cfg.ffw_activation, rngs=rngs, dtype=dtype, out_scale=out_scale)
-  if kind == "peer":
-    from peer_jax.layers.peer import PEER
-    p = cfg.peer
-    return PEER(d, num_experts=p.num_experts, heads=p.heads, top_k=p.top_k,
-                query_dim=p.query_dim, query_norm=p.query_norm, per_head_keys=p.per_head_keys,
-                router=p.router, activation=p.activation, glu=p.glu, chunk_size=p.chunk_size,
-                value_init=p.get("value_init", "match_dense"), out_scale=out_scale,
-                kernel=p.get("kernel", "auto"), rngs=rngs, dtype=dtype)
-  if kind == "moe":
-    from peer_jax.layers.moe import MoE
-    m = cfg.moe
-    return MoE(d, num_experts=m.num_experts, d_ff=m.d_ff or cfg.d_ff,
-               routing=m.get("routing", "expert_choice"), capacity_factor=m.capacity_factor,
-               top_k=m.get("top_k", 2), aux_loss_coef=m.get("aux_loss_coef", 0.01),
-               activation=cfg.ffw_activation, out_scale=out_scale, rngs=rngs, dtype=dtype)
-  if kind == "pkm":
-    from peer_jax.layers.pkm import PKM
-    m = cfg.pkm
-    return PKM(d, num_memories=m.num_memories, heads=m.heads, top_k=m.top_k,
-               key_dim=m.key_dim, query_norm=m.query_norm,
-               value_init=m.get("value_init", "match_dense"), out_scale=out_scale,
-               kernel=m.get("kernel", "auto"), rngs=rngs, dtype=dtype)
-  raise ValueError(f"model.ffw: unknown kind {kind!r}; expected one of {FFW_KINDS}")
+def make_ffw(cfg, kind: str, *, rngs: nnx.Rngs, dtype, out_scale: float,
+             shared: dict | None = None) -> nnx.Module:
+  """The FFW layer of one block, built by its kind from the `model` config section.
+
+  `shared`: one dict per model, where a kind keeps modules its blocks share.
+  """
+  return kinds.get(kind).build(cfg, rngs=rngs, dtype=dtype, out_scale=out_scale,
+                               shared={} if shared is None else shared)
 
 
 class Block(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then x + ffw(norm(x)) (+ a dense FFW in parallel)."""
 
-  def __init__(self, cfg, kind: str, *, rngs: nnx.Rngs, dtype):
+  def __init__(self, cfg, kind: str, *, rngs: nnx.Rngs, dtype, shared: dict | None = None):
     out_scale = (2 * cfg.num_layers) ** -0.5  # keeps the residual stream's scale with depth
     self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs)
     self.attn = Attention(cfg.d_model, cfg.num_heads, rngs=rngs, dtype=dtype,
                           rope_theta=cfg.rope_theta, out_scale=out_scale)
     self.ffw_norm = RMSNorm(cfg.d_model, rngs=rngs)
-    self.ffw = make_ffw(cfg, kind, rngs=rngs, dtype=dtype, out_scale=out_scale)
-    parallel = kind == "peer" and cfg.peer.placement == "parallel"
-    self.parallel_ffw = (make_ffw(cfg, "dense", rngs=rngs, dtype=dtype, out_scale=out_scale)
+    self.ffw = make_ffw(cfg, kind, rngs=rngs, dtype=dtype, out_scale=out_scale, shared=shared)
+    # A kind whose blocks keep a dense FFW beside it (PEER placement='parallel').
+    parallel = kinds.get(kind).parallel_dense(cfg)
+    self.parallel_ffw = (make_ffw(cfg, DENSE, rngs=rngs, dtype=dtype, out_scale=out_scale)
                          if parallel else None)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, train: bool):
@@ -136,9 +118,10 @@ class Transformer(nnx.Module):
     expert_layers = expert_layer_indices(cfg.ffw_layers, cfg.num_layers)
     self.embed_VD = param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
                           ("vocab", "embed"))
+    shared: dict = {}  # modules the blocks of one kind share (Memory+'s value pool)
     for i in range(cfg.num_layers):
-      kind = cfg.ffw if i in expert_layers else "dense"
-      setattr(self, f"block_{i}", Block(cfg, kind, rngs=rngs, dtype=self.dtype))
+      kind = cfg.ffw if i in expert_layers else DENSE
+      setattr(self, f"block_{i}", Block(cfg, kind, rngs=rngs, dtype=self.dtype, shared=shared))
     self.final_norm = RMSNorm(cfg.d_model, rngs=rngs)
     self.unembed_DV = (None if cfg.tie_embeddings else
                        param(rngs, fan_in_normal(cfg.d_model), (cfg.d_model, cfg.vocab_size),

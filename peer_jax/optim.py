@@ -35,7 +35,12 @@ import jax.numpy as jnp
 import optax
 
 TABLE_KINDS = ("adamw", "lazy_adam", "sgd", "adafactor")
-TABLE_NAMES = ("u_ND", "v_ND", "g_ND", "values_NV")  # PEER experts, PKM values
+def _table_names() -> tuple[str, ...]:
+  from peer_jax import kinds  # the kinds declare their tables (PEER u/v/g, PKM values, ...)
+  return kinds.table_param_names()
+
+
+TABLE_NAMES = _table_names()  # ("u_ND", "v_ND", "g_ND", "values_NV")
 
 
 def _path_names(path) -> list[str]:
@@ -49,7 +54,8 @@ def _path_names(path) -> list[str]:
 
 
 def is_table(path, leaf) -> bool:
-  """Default table predicate: a 2-D leaf named u_ND, v_ND, g_ND (PEER) or values_NV (PKM)."""
+  """Default table predicate: a 2-D leaf named as a kind's expert table (TABLE_NAMES: u_ND,
+  v_ND, g_ND of PEER, values_NV of PKM and Memory+)."""
   return getattr(leaf, "ndim", 0) == 2 and any(n in TABLE_NAMES for n in _path_names(path))
 
 
@@ -231,11 +237,10 @@ def tables_have_own_optimizer(tcfg, model_cfg) -> bool:
 
 def expert_table_shape(model_cfg) -> tuple[int, int] | None:
   """(rows N, retrievals per token) of the model's expert tables; None for dense / MoE."""
-  if model_cfg.ffw == "peer":
-    return model_cfg.peer.num_experts, model_cfg.peer.heads * model_cfg.peer.top_k
-  if model_cfg.ffw == "pkm":
-    return model_cfg.pkm.num_memories, model_cfg.pkm.heads * model_cfg.pkm.top_k
-  return None
+  from peer_jax import kinds
+  from peer_jax.model import expert_layer_indices
+  n = len(expert_layer_indices(model_cfg.ffw_layers, model_cfg.num_layers))
+  return kinds.get(model_cfg.ffw).table_shape(model_cfg, n)
 
 
 def make_optimizer(tcfg, model_cfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from peer_jax.sweep_plan import ARCH_LABELS, ARCHS, format_budget
+from peer_jax import kinds
+from peer_jax.sweep_plan import ARCHS, format_budget
 
 STATUS_TEXT = {"inside": "bracketed", "edge": "minimum at an edge",
                "no_minimum": "no minimum", "too_few": "fewer than 3 sizes"}
@@ -32,12 +33,9 @@ SET_LABELS = {"wikitext2_valid": "WikiText-2 valid", "c4_sample": "C4 sample", "
 
 
 def arch_label(arch: str, moe_routing: str = "") -> str:
-  """'MoE (expert choice, non-causal)' for the paper's MoE baseline; plain names otherwise."""
-  if arch == "moe":
-    routing = moe_routing or "expert_choice"
-    return ("MoE (expert choice, non-causal)" if routing == "expert_choice"
-            else f"MoE ({routing.replace('_', ' ')})")
-  return ARCH_LABELS[arch]
+  """The kind's display label: 'MoE (expert choice, non-causal)' for the paper's MoE
+  baseline; plain names otherwise."""
+  return kinds.get(arch).display_label(moe_routing)
 
 
 def fmt_budget(budget: float) -> str:
@@ -358,7 +356,7 @@ def write_table(analysis: dict, out_dir: str, lr_table: list[dict] | None = None
   return md_path, csv_path
 
 
-COLORS = {"dense": "tab:gray", "moe": "tab:blue", "pkm": "tab:green", "peer": "tab:red"}
+COLORS = {k.name: k.color for k in kinds.all_kinds()}
 
 
 def plot_isoflop(summaries: list[dict], analysis: dict, path: str, eval_set: str | None = None,

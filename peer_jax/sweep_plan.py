@@ -51,9 +51,10 @@ import shlex
 from typing import Any, Iterable
 
 from peer_jax import flops as flops_lib
+from peer_jax import kinds
 
-ARCHS = ("dense", "moe", "pkm", "peer")
-ARCH_LABELS = {"dense": "Dense", "moe": "MoE", "pkm": "PKM", "peer": "PEER"}
+ARCHS = kinds.names()  # every registered FFW kind, in registry order
+ARCH_LABELS = {name: kinds.get(name).label for name in ARCHS}
 FIT_X = ("params", "active_params", "non_embedding_params", "tokens")
 PHASES = ("lr", "main", "seed")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -435,8 +436,7 @@ class Planner:
                overrides=run_keys, phase=phase, seed=seed, learning_rate=float(lr), d_ff=d_ff,
                batch_size=self.batch, seq_len=self.seq_len,
                vocab_size=int(cfg.model.vocab_size),
-               moe_routing=(cfg.model.moe.get("routing", "expert_choice")
-                            if arch == "moe" else ""),
+               moe_routing=kinds.get(arch).variant(cfg.model),
                provisional=provisional, resolved=resolved)
 
   def _size(self, d_l) -> tuple:

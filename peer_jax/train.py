@@ -135,14 +135,14 @@ def _forward(graphdef, params, model_state, batch, train: bool):
 def expert_metrics(aux: dict, model_cfg) -> dict[str, jax.Array]:
   """Per-step expert usage and unevenness of every layer that retrieves experts."""
   from peer_jax import expert_stats
-  sizes = {"peer": model_cfg.peer.num_experts, "pkm": model_cfg.pkm.num_memories}
+  pools = expert_stats.expert_pools(model_cfg)
   out = {}
   for block, block_aux in aux.items():
     for name in ("dropped_fraction", "load_balance_loss"):  # MoE routing
       if name in block_aux:
         out[f"moe/{block}/{name}"] = block_aux[name].astype(jnp.float32)
-    if "expert_indices" in block_aux and model_cfg.ffw in sizes:
-      stats = expert_stats.expert_stats(block_aux, sizes[model_cfg.ffw])
+    if "expert_indices" in block_aux and block in pools:
+      stats = expert_stats.expert_stats(block_aux, pools[block])
       for name, value in stats.items():
         out[f"experts/{block}/{name}"] = value
   return out

@@ -122,7 +122,7 @@ def evaluate(workdir: str, data: list[str], task: str, step: int | None, histogr
 
   cfg = _config(workdir)
   if histogram and not ev.expert_layers(cfg.model):
-    raise UsageError(f"--expert_histogram: model.ffw={cfg.model.ffw} has no PEER/PKM layer")
+    raise UsageError(f"--expert_histogram: model.ffw={cfg.model.ffw} has no expert-retrieving layer")
   if text_format:
     cfg.data.text_format = text_format
   for path in data:  # cheap existence checks first: a bad path fails before anything is built

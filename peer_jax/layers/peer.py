@@ -49,6 +49,13 @@ from peer_jax.ops import product_key_topk
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
 ROUTERS = ("softmax", "sigmoid")
 PEER_ACTIVATIONS = ("gelu", "relu")
+PLACEMENTS = ("replace", "parallel")  # the dense FFW's place: replaced, or kept beside PEER
+
+
+def query_norm_params(query_norm: str, q_dim: int) -> int:
+  """Learned parameters of a query norm over q_dim features (BatchNorm's running
+  statistics are nnx.BatchStat, not Params)."""
+  return {"batchnorm": 2, "layernorm": 2, "rmsnorm": 1, "none": 0}[query_norm] * q_dim
 
 
 def exact_sqrt(num: int, what: str) -> int:
@@ -105,12 +112,15 @@ class ProductKeyRetrieval(nnx.Module):
   Parameters: w_q_DQ (D, heads·key_dim), the query norm's scale/bias, and two sub-key
   tables keys1/keys2 of shape (n, key_dim/2), or (heads, n, key_dim/2) with
   per_head_keys. With query_norm='batchnorm' the running mean/var are nnx.BatchStat.
+  key_norm=True (Memory+'s qk-norm, with query_norm='rmsnorm'): every sub-key is
+  RMS-normalised to 1/√key_dim, its init scale, before the scores, so scores cannot grow
+  through the keys' norm.
   """
 
   def __init__(self, d_model: int, *, num_keys: int, heads: int, top_k: int, key_dim: int,
                query_norm: str = "batchnorm", per_head_keys: bool = False,
-               router: str = "softmax", chunk_tokens: int | None = None, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+               router: str = "softmax", chunk_tokens: int | None = None,
+               key_norm: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
     if query_norm not in QUERY_NORMS:
       raise ValueError(f"unknown query_norm {query_norm!r}; expected one of {QUERY_NORMS}")
     if router not in ROUTERS:
@@ -123,6 +133,7 @@ class ProductKeyRetrieval(nnx.Module):
     self.heads, self.top_k, self.key_dim, self.n = heads, top_k, key_dim, n
     self.query_norm, self.router, self.dtype = query_norm, router, dtype
     self.per_head_keys, self.chunk_tokens = per_head_keys, chunk_tokens
+    self.key_norm = key_norm
     q_dim = heads * key_dim
     self.w_q_DQ = param(rngs, fan_in_normal(d_model), (d_model, q_dim), ("embed", "heads_q"))
     if query_norm == "batchnorm":
@@ -161,11 +172,18 @@ class ProductKeyRetrieval(nnx.Module):
         q_BTHd = q_BTHd + self.norm_bias_Q[...].reshape(self.heads, self.key_dim)
     return q_BTHd
 
+  def sub_keys(self):
+    """The two sub-key tables as the scores use them (normalised with key_norm), in dtype."""
+    c1, c2 = self.keys1[...], self.keys2[...]
+    if self.key_norm:
+      c1, c2 = (rms_norm(c, None, eps=1e-6) * self.key_dim ** -0.5 for c in (c1, c2))
+    return c1.astype(self.dtype), c2.astype(self.dtype)
+
   def __call__(self, x_BTD, *, train: bool = False):
     """Returns (scores, indices int32, router weights f32), each (B, T, heads, top_k)."""
     q_BTHd = self.queries(x_BTD, train=train).astype(self.dtype)
     half = self.key_dim // 2
-    c1, c2 = self.keys1[...].astype(self.dtype), self.keys2[...].astype(self.dtype)
+    c1, c2 = self.sub_keys()
     # The FFI top-k has no partitioning rule, and chunking reshapes the token axes: both
     # only where the program is not split over devices (GSPMD would regather).
     ctx = sharding.current_rules()
