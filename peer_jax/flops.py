@@ -2,7 +2,9 @@
 
 Everything but the CPU peak measurement is plain Python arithmetic on the `model` config
 section (configs/base.py); nothing is built or compiled, so a sweep planner can call it
-for thousands of configs. docs/flops.md writes out every formula and convention;
+for thousands of configs. This module counts the shared transformer parts (embedding,
+attention, dense FFWs); each FFW kind's own terms and parameters come from its entry in
+`peer_jax.kinds` (`flop_terms`, `param_counts`, `gathered`). docs/flops.md writes out every formula and convention;
 tests/test_flops.py checks them against XLA's `cost_analysis()` and the real model.
 
     flops_per_token(model_cfg, seq_len, training=False) -> dict of per-token terms + 'total'
@@ -96,6 +98,7 @@ def flops_per_token(model_cfg, seq_len: int, *, training: bool = False) -> dict[
     dense_ffw (4·D·F, SwiGLU 6·D·F, per dense block),
     peer_query, peer_subkey_scores, peer_candidate_sums, peer_experts_in, peer_experts_out,
     moe_router, moe_experts, pkm_query, pkm_subkey_scores, pkm_candidate_sums, pkm_values,
+    memory_plus_{query, subkey_scores, candidate_sums, values, gate, out} (the kind's terms),
     *_topk_ops (comparisons: elements fed to top-k; not FLOPs, not in the totals),
     expert_layer (the expert-layer FLOPs, summed), total (full attention scores),
     total_causal (causal attention scores), blocks (the per-block part of total).
@@ -139,7 +142,7 @@ def gathered_elements_per_token(model_cfg) -> dict[str, int]:
   out-of-bounds `select` of jnp.take's fill mode), which tests/test_flops.py adds back
   when it compares with cost_analysis().
     embedding: D (one row); peer: h·k·D per table (u, v, and g with GLU) per layer;
-    pkm: h·k·D per layer; total.
+    pkm, memory_plus: h·k·D per layer; total.
   """
   m = model_cfg
   n_exp = len(_expert_layers(m))
@@ -162,7 +165,7 @@ def param_counts(model_cfg, seq_len: int | None = None) -> dict[str, int]:
       nnx.BatchStat, not counted).
     embedding: the input embedding V·D, plus the unembedding D·V when untied.
     expert_tables: the sparse tables: PEER u, v (and g with GLU), N·D each; MoE expert
-      weights E·(2 or 3)·D·F; PKM values N·D.
+      weights E·(2 or 3)·D·F; PKM and Memory+ values N·D (a shared Memory+ pool once).
     active: parameters a token's forward pass reads: total − expert_tables + the table
       rows it uses: PEER h·k·(2 or 3)·D per layer (an upper bound: one row per retrieved
       expert, counting duplicates across heads), PKM h·k·D per layer, MoE the weights of

@@ -80,7 +80,7 @@ def parse_budget(text: str) -> float:
 
 
 _NUM = r"\d+(?:p\d+)?e-?\d+"
-_NAME_RE = re.compile(rf"^b(?P<budget>{_NUM})_(?P<arch>[a-z]+)_d(?P<d_model>\d+)"
+_NAME_RE = re.compile(rf"^b(?P<budget>{_NUM})_(?P<arch>[a-z_]+)_d(?P<d_model>\d+)"
                       rf"_l(?P<num_layers>\d+)(?:_h(?P<num_heads>\d+))?"
                       rf"(?:_lr(?P<lr>{_NUM}))?(?:_s(?P<seed>\d+))?$")
 

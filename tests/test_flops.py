@@ -16,7 +16,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+import ml_collections
+
 from configs import base
+from peer_jax import kinds
+from peer_jax.kinds import memory_plus
 from peer_jax.flops import (PEAK_FLOPS, device_peak_flops, flops_per_token,
                             gathered_elements_per_token, measure_matmul_peak, mfu,
                             param_counts, peak_flops_for_kind)
@@ -46,6 +50,9 @@ def small(ffw="dense", **overrides):
   m.peer.num_experts, m.peer.heads, m.peer.top_k, m.peer.query_dim = 16**2, 4, 8, 32
   m.moe.num_experts, m.moe.capacity_factor = 4, 1.0
   m.pkm.num_memories, m.pkm.heads, m.pkm.top_k, m.pkm.key_dim = 16**2, 4, 8, 32
+  m.memory_plus = ml_collections.ConfigDict(memory_plus.default_config())
+  mp = m.memory_plus
+  mp.num_memories, mp.heads, mp.top_k, mp.key_dim, mp.kernel = 16**2, 4, 8, 32, "xla"
   for key, value in overrides.items():
     node = m
     *path, last = key.split(".")
@@ -92,7 +99,7 @@ def xla_comparable(m, *, training=False):
 # ------------------------------------------------------------------ vs XLA, forward
 
 
-@pytest.mark.parametrize("ffw", ["dense", "peer", "moe", "pkm"])
+@pytest.mark.parametrize("ffw", kinds.names())
 def test_forward_flops_match_xla(ffw):
   m = small(ffw)
   f, expected = xla_comparable(m)
@@ -270,6 +277,9 @@ PARAM_VARIANTS = [
     ("pkm", {}),
     ("pkm", {"pkm.query_norm": "layernorm", "ffw_layers": "all"}),
     ("peer", {"ffw_layers": "none"}),
+    ("memory_plus", {}),
+    ("memory_plus", {"ffw_layers": "all"}),
+    ("memory_plus", {"ffw_layers": "all", "memory_plus.shared_values": True}),
 ]
 
 
