@@ -156,7 +156,7 @@ def test_param_counts_match_the_built_module(shared, layers):
   params = nnx.state(model, nnx.Param)
   counts = flops.param_counts(c.model)
   assert counts["total"] == sum(x.size for x in jax.tree.leaves(params))
-  tables = [x for k, x in _leaves(params) if "values_NV" in k]
+  tables = [x for k, x in _leaves(params).items() if "values_NV" in k]
   assert counts["expert_tables"] == sum(x.size for x in tables)
   assert len(tables) == (1 if shared or layers == "middle" else 2)
   n_layers = 2 if layers == "all" else 1
