@@ -304,9 +304,7 @@ class Checkpointer:
                                              self.directory))
       try:
         if params_only:
-          out = self.manager.restore(s, args=ocp.args.Composite(
-              state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
-          state, data_state = abstract_state.replace(**out.state), None
+          state, data_state = abstract_state.replace(**_restore_subset(self.directory, s, target)), None
         else:
           out = self.manager.restore(s, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
@@ -352,6 +350,20 @@ class Checkpointer:
     _sync("peer_jax_checkpoint_move_aside")
     self.manager.reload()
     return dst
+
+
+def _restore_subset(directory: str, step: int, target: dict) -> dict:
+  """The arrays of `target` (a subset of the saved state) only. Through the PyTree handler:
+  the Standard one, which wrote them, cannot restore part of a tree."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  manager = ocp.CheckpointManager(directory, options=options,
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))).state
+  finally:
+    manager.close()
 
 
 def _write_reason(e: BaseException) -> str:
