@@ -3,31 +3,21 @@
 Layout: DIR/checkpoints/<step>/{state, data, config}. `state` is the TrainState pytree
 (params, optimizer state, step, batch-norm statistics); `data` holds every process's
 iterator position (`data_<process index>`); `config` the config that produced them.
-
 Restores always pass the target shardings of the current mesh, so a checkpoint written on
 8 devices restores onto 1, 2 or 4.
 
-Damage and change are told apart (docs/checkpointing.md):
-
-* A config change is never damage. Every key is in one of three groups (`key_group`):
-  frozen (refused on resume, naming it), optimizer-structure keys (applied when the
-  optimizer state keeps its structure, refused naming them when it does not) and applied.
-  The structure test does not trust the list alone: the saved state's tree (from Orbax's
-  metadata, before any array is read) is compared with the state the current config
-  builds, and any difference is a refusal, never damage.
-* A checkpoint that cannot be read (a truncated file, a missing item, a bad data-iterator
-  state) is damage: the previous one is used and the damaged one is moved to
-  DIR/checkpoints_damaged/<step>[.N] (a unique name; nothing is ever deleted). If none is
-  readable, the run stops with an error and nothing is moved: it never starts over on top
-  of a run.
-* Saves are settled on every exit path: a write that fails (full disk, unwritable folder)
-  is one CheckpointWriteError naming the step and the path, its partial folder is removed,
-  and older checkpoints are only deleted (retention) once a newer one is complete.
+Damage and change are told apart (docs/checkpointing.md). A config change is never damage
+(peer_jax.resume_checks: key groups, and the saved state's tree, read from Orbax's metadata
+before any array, compared with the one the config builds). A checkpoint that cannot be
+read is damage: the previous one is used and the damaged one moved to
+DIR/checkpoints_damaged/<step>[.N]; if none is readable the run stops, nothing moved. Saves
+are settled on every exit path: a failed write is one CheckpointWriteError naming the step
+and path, its partial folder is removed, and retention deletes only once a newer
+checkpoint is complete.
 """
 
 import dataclasses
 import json
-import logging as pylogging
 import os
 import shutil
 import sys
@@ -36,17 +26,14 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from peer_jax.orbax_logs import quiet_orbax_logs
+from peer_jax.resume_checks import (  # noqa: F401  (re-exported: the resume checks)
+    FROZEN_PREFIXES, OPTIMIZER_STRUCTURE_PREFIXES, config_changes, describe_changes,
+    flatten_config, is_frozen, key_group, structure_message, tree_differences)
+
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 ITEMS = ("state", "data", "config")
-
-# Keys whose change makes a checkpoint mean something else: refused on resume.
-FROZEN_PREFIXES = ("model.", "seed", "data.train_path", "data.tokenizer", "data.text_format",
-                   "train.batch_size", "train.seq_len", "data.add_bos", "data.add_eos")
-# Keys that can change the optimizer-state pytree (a table branch, clipping, decay masks):
-# applied when the state keeps its structure, refused (naming them) when it does not. Any
-# new `train.table_*` key is in this group by its prefix.
-OPTIMIZER_STRUCTURE_PREFIXES = ("train.table_", "train.grad_clip", "train.weight_decay",
-                                "train.optimizer")
+PARAMS = ("params", "model_state")  # what a params-only restore reads of the state
 
 
 class CheckpointError(RuntimeError):
@@ -72,154 +59,12 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-class _DropOrbaxRecords(pylogging.Filter):
-  """Orbax logs every failed background write with its traceback (thousands of lines on a
-  full disk); peer_jax reports the failure itself, as one line."""
-
-  def filter(self, record):
-    return "orbax" not in (record.pathname or "") or os.environ.get("PEER_JAX_ORBAX_LOGS")
-
-
-def _is_closed_loop_noise(exc_type, exc) -> bool:
-  """A TensorStore callback into an event loop Orbax has closed after a failed read/write:
-  harmless, but printed as a traceback from a background thread."""
-  return exc_type is RuntimeError and "Event loop is closed" in str(exc)
-
-
-def _install_noise_hooks() -> None:
-  import threading
-  if getattr(sys.excepthook, "peer_jax", False):
-    return
-  previous_sys, previous_thread = sys.excepthook, threading.excepthook
-
-  def sys_hook(exc_type, exc, tb):
-    if not _is_closed_loop_noise(exc_type, exc):
-      previous_sys(exc_type, exc, tb)
-
-  def thread_hook(args):
-    if not _is_closed_loop_noise(args.exc_type, args.exc_value):
-      previous_thread(args)
-
-  sys_hook.peer_jax = True
-  sys.excepthook, threading.excepthook = sys_hook, thread_hook
-
-
-def quiet_orbax_logs() -> None:
-  if not os.environ.get("PEER_JAX_ORBAX_LOGS"):
-    _install_noise_hooks()
-  for name in ("absl", ""):
-    logger = pylogging.getLogger(name)
-    if not any(isinstance(f, _DropOrbaxRecords) for f in logger.filters):
-      logger.addFilter(_DropOrbaxRecords())
-    for handler in logger.handlers:
-      if not any(isinstance(f, _DropOrbaxRecords) for f in handler.filters):
-        handler.addFilter(_DropOrbaxRecords())
-
-
-# ----------------------------------------------------------------------------- config groups
-
-
-def flatten_config(node, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in node.items():
-    if isinstance(value, dict):
-      out.update(flatten_config(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = json.loads(json.dumps(value))  # tuples -> lists, as saved
-  return out
-
-
-def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-  """(key, saved value, current value) for every key that differs.
-
-  A key the saved config does not have (added to configs/base.py since) counts as changed
-  only if its value is not the default; a key the current config no longer has (removed
-  from the code) is not a change: it no longer means anything.
-  """
-  a, b = flatten_config(saved), flatten_config(current)
-  defaults = _base_defaults()
-  out = []
-  for k in sorted(set(a) | set(b)):
-    if k not in b:
-      continue
-    if k not in a and k in defaults and defaults[k] == b[k]:
-      continue
-    if a.get(k) != b.get(k):
-      out.append((k, a.get(k), b.get(k)))
-  return out
-
-
-def _base_defaults() -> dict[str, Any]:
-  """Flat defaults of configs/base.py, when it can be imported (scripts and tests can)."""
-  try:
-    from configs import base
-    return flatten_config(json.loads(base.get_config().to_json_best_effort()))
-  except Exception:  # noqa: BLE001  (no configs package on the path: compare as is)
-    return {}
-
-
-def _matches(key: str, prefixes) -> bool:
-  """`key` is one of `prefixes`, or below one: 'model.' and 'train.table_' match by prefix,
-  'seed' matches 'seed' and 'seed.*' only."""
-  return any(key.startswith(p) if p.endswith((".", "_")) else (key == p or key.startswith(p + "."))
-             for p in prefixes)
-
-
-def key_group(key: str) -> str:
-  """'frozen', 'optimizer' (may change the optimizer-state structure) or 'applied'."""
-  if _matches(key, FROZEN_PREFIXES):
-    return "frozen"
-  if _matches(key, OPTIMIZER_STRUCTURE_PREFIXES):
-    return "optimizer"
-  return "applied"
-
-
-def is_frozen(key: str) -> bool:
-  return key_group(key) == "frozen"
-
-
-def _describe(changes) -> str:
-  return "; ".join(f"{k}: changed from {a!r} to {b!r}" for k, a, b in changes)
-
-
 # ----------------------------------------------------------------------------- state trees
 
 
 def _flat_target(abstract_state) -> dict[tuple, Any]:
   return ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
 
-
-def _leaf_sig(leaf):
-  shape = getattr(leaf, "shape", None)
-  dtype = getattr(leaf, "dtype", None)
-  return (tuple(shape) if shape is not None else None,
-          str(jax.numpy.dtype(dtype)) if dtype is not None else None)
-
-
-def tree_differences(saved: dict[tuple, Any], current: dict[tuple, Any], *, only=None
-                     ) -> list[str]:
-  """Readable differences between two flat trees of arrays (missing, extra, shape, dtype)."""
-  def keep(k):
-    return only is None or (k and k[0] in only)
-  name = lambda k: ".".join(str(p) for p in k)
-  out = []
-  for k in sorted(set(current) - set(saved), key=name):
-    if keep(k) and _leaf_sig(current[k])[0] is not None:
-      out.append(f"{name(k)}: in this model {_leaf_sig(current[k])[0]} but not in the checkpoint")
-  for k in sorted(set(saved) - set(current), key=name):
-    if keep(k) and _leaf_sig(saved[k])[0] is not None:
-      out.append(f"{name(k)}: in the checkpoint {_leaf_sig(saved[k])[0]} but not in this model")
-  for k in sorted(set(saved) & set(current), key=name):
-    if not keep(k):
-      continue
-    (s_shape, s_dtype), (c_shape, c_dtype) = _leaf_sig(saved[k]), _leaf_sig(current[k])
-    if s_shape is None or c_shape is None:
-      continue
-    if s_shape != c_shape:
-      out.append(f"{name(k)}: shape {s_shape} in the checkpoint, {c_shape} in this model")
-    elif s_dtype and c_dtype and s_dtype != c_dtype:
-      out.append(f"{name(k)}: dtype {s_dtype} in the checkpoint, {c_dtype} in this model")
-  return out
 
 
 def _abstract_with_shardings(abstract_state, shardings):
@@ -406,7 +251,9 @@ class Checkpointer:
   def restore_latest(self, abstract_state, shardings, *, step: int | None = None,
                      check_config: Callable[[dict, int], None] | None = None,
                      apply_data: Callable[[dict | None], None] | None = None,
-                     current_config: dict | None = None) -> Restored | None:
+                     current_config: dict | None = None, params_only: bool = False,
+                     on_difference: Callable[[int, list[str]], None] | None = None
+                     ) -> Restored | None:
     """The newest readable checkpoint (or `step`), restored onto `shardings`.
 
     None when the workdir has no checkpoint. A checkpoint that cannot be read is skipped
@@ -415,11 +262,17 @@ class Checkpointer:
     array is read and raises on changes that cannot be honoured; a saved state whose tree
     differs from `abstract_state` is refused (ConfigError, naming the changed keys), never
     taken for damage. `apply_data(data_state)` repositions the data iterator: a failure
-    there is damage too (a ConfigError from it is a refusal).
+    there is damage too (a ConfigError from it is a refusal). `params_only`: only the
+    state's `params` and `model_state` are compared and read (no data state), into
+    `abstract_state.replace(...)`; `on_difference(step, differences)` raises instead of
+    the ConfigError.
     """
     from peer_jax.config_validation import ConfigError
     target = _abstract_with_shardings(abstract_state, shardings)
-    flat_target = _flat_target(abstract_state)
+    if params_only:
+      target = {k: getattr(target, k) for k in PARAMS}
+    flat_target = _flat_target({k: getattr(abstract_state, k) for k in PARAMS}
+                               if params_only else abstract_state)
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
       if step not in steps:
@@ -443,14 +296,19 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001
         damaged.append((s, f"state metadata: {_first_line(e)}"))
         continue
-      differences = tree_differences(saved_tree, flat_target)
+      differences = tree_differences(saved_tree, flat_target, only=PARAMS if params_only else None)
+      if differences and on_difference is not None:
+        on_difference(s, differences)
       if differences:
-        raise ConfigError(_structure_message(differences, config, current_config, s,
+        raise ConfigError(structure_message(differences, config, current_config, s,
                                              self.directory))
       try:
-        out = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        data_state = _my_data_state(out.data)
+        if params_only:
+          state, data_state = abstract_state.replace(**_restore_subset(self.directory, s, target)), None
+        else:
+          out = self.manager.restore(s, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+          state, data_state = out.state, _my_data_state(out.data)
       except Exception as e:  # noqa: BLE001  (unreadable arrays or data state: damage)
         damaged.append((s, _first_line(e)))
         continue
@@ -467,7 +325,7 @@ class Checkpointer:
         _warn(f"checkpoint {bad} in {self.directory} is unreadable ({why}); "
               + (f"moved to {where}; " if where else "")
               + f"falling back to checkpoint {s}")
-      return Restored(s, out.state, data_state, config)
+      return Restored(s, state, data_state, config)
     if step is not None:
       raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable: "
                             f"{damaged[0][1]}")
@@ -494,17 +352,18 @@ class Checkpointer:
     return dst
 
 
-def _structure_message(differences, saved_cfg, current_cfg, step, directory) -> str:
-  changed = config_changes(saved_cfg, current_cfg) if current_cfg is not None else []
-  suspects = [c for c in changed if key_group(c[0]) == "optimizer"] or \
-      [c for c in changed if key_group(c[0]) != "applied"]
-  what = "optimizer state" if all(d.startswith("opt_state") for d in differences) else "state"
-  more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
-  cause = (_describe(suspects) + "; with this change, " if suspects else
-           "no config key that shapes it changed (was the code changed?), but ")
-  return (f"{cause}the {what} saved in checkpoint {step} in {directory} does not match the "
-          f"one this config builds ({differences[0]}{more}); change it back to resume, "
-          "or start a new --workdir with checkpoint.init_from to keep the parameters")
+def _restore_subset(directory: str, step: int, target: dict) -> dict:
+  """The arrays of `target` (a subset of the saved state) only. Through the PyTree handler:
+  the Standard one, which wrote them, cannot restore part of a tree."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  manager = ocp.CheckpointManager(directory, options=options,
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))).state
+  finally:
+    manager.close()
 
 
 def _write_reason(e: BaseException) -> str:
@@ -524,55 +383,6 @@ def _step_dirs(directory: str) -> list[int]:
     return [int(n) for n in os.listdir(directory) if n.isdigit()]
   except OSError:
     return []
-
-
-def restore_params(path: str, abstract_state, shardings):
-  """Params and model state of the newest readable checkpoint under `path` (a workdir or
-  its checkpoints/ folder), for starting a new run from them (checkpoint.init_from).
-
-  Refuses (CheckpointError naming the parameter and both shapes) a checkpoint of a model
-  of another shape; reads only: nothing of the other run is moved or changed."""
-  path = resolve_path(path)
-  directory = path if os.path.basename(os.path.normpath(path)) == "checkpoints" else \
-      os.path.join(path, "checkpoints")
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"checkpoint.init_from: no checkpoints folder at {directory}")
-  manager = _manager(directory, read_only=True)
-  steps = sorted(manager.all_steps(), reverse=True)
-  if not steps:
-    raise CheckpointError(f"checkpoint.init_from: no complete checkpoint in {directory}")
-  wanted = ("params", "model_state")
-  flat_target = _flat_target({k: getattr(abstract_state, k) for k in wanted})
-  target = _abstract_with_shardings(abstract_state, shardings)
-  target = {"params": target.params, "model_state": target.model_state}
-  problems = []
-  try:
-    for step in steps:
-      try:
-        saved = ocp.tree.to_flat_dict(manager.item_metadata(step)["state"])
-      except Exception as e:  # noqa: BLE001
-        problems.append(f"{step}: {_first_line(e)}")
-        continue
-      differences = tree_differences(saved, flat_target, only=wanted)
-      if differences:
-        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
-        raise CheckpointError(
-            f"checkpoint.init_from: checkpoint {step} in {directory} is of another model: "
-            f"{differences[0]}{more}; init_from needs the same model shape")
-      try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
-      except Exception as e:  # noqa: BLE001
-        problems.append(f"{step}: {_first_line(e)}")
-        continue
-      if problems:
-        _warn(f"checkpoint.init_from: skipped unreadable checkpoints in {directory} "
-              f"({'; '.join(problems)}); using checkpoint {step}")
-      return step, restored.state["params"], restored.state["model_state"]
-  finally:
-    manager.close()
-  raise CheckpointError(f"checkpoint.init_from: no readable checkpoint in {directory} "
-                        f"({'; '.join(problems)})")
 
 
 def _gather_data_states(data_state: dict) -> dict:
@@ -626,31 +436,3 @@ def check_writable(workdir: str) -> None:
 
 
 _check_writable = check_writable  # older name
-
-
-def load_run(workdir: str, step: int | None = None):
-  """(config, Trainer, TrainState) of a run's latest readable (or given) checkpoint, on this
-  host's devices: what evaluation and sampling start from. Reads only: a damaged
-  checkpoint is skipped with a warning, never moved."""
-  import ml_collections
-  from peer_jax.train import Trainer
-  workdir = resolve_path(workdir)
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise CheckpointError(f"{workdir} holds no run (no config.json); train one with "
-                          "scripts/train.py --workdir=...")
-  try:
-    with open(config_path) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"cannot read {config_path}: {_first_line(e)}") from None
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1  # whatever devices are here
-  trainer = Trainer.build(cfg)
-  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-  try:
-    restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, step=step)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise CheckpointError(f"no complete checkpoint in {ckpt.directory}")
-  return cfg, trainer, restored.state

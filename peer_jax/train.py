@@ -1,39 +1,37 @@
-"""Train state, the jitted train step and the host loop (evaluation: peer_jax/evaluate.py).
+"""Train state, the jitted train step, and a training run (the host loop: peer_jax/loop.py).
 
 The state is a pytree (`TrainState`) of arrays and nnx.State objects, so Orbax can save
 it as is. One `jax.jit` with explicit in/out shardings and donated state does a whole
-optimizer step, including gradient accumulation over microbatches (`lax.scan`). The host
-loop dispatches step n before fetching step n-1's metrics, so logging never stalls the
-device.
+optimizer step, including gradient accumulation over microbatches (`lax.scan`).
+`train_and_evaluate` sets a run up (config checks, data, restore: peer_jax/resume.py) and
+hands its steps to `loop.run_steps` with the hooks of `run_hooks` (evaluation:
+peer_jax/evaluate.py; checkpoints: peer_jax/checkpoint.py), which the benchmark uses too.
 """
 
 import dataclasses
 import functools
 import json
-import math
 import os
-import signal
 import sys
-import threading
-import time
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import evaluate as evaluation
-from peer_jax import flops, sharding
-from peer_jax.checkpoint import (Checkpointer, CheckpointError, check_writable, config_changes, key_group,
-                                 resolve_path, restore_params)
+from peer_jax import flops, loop, sharding
+from peer_jax.checkpoint import Checkpointer, check_writable, resolve_path
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.data import Tokenizer, global_batch, make_train_iterator
+from peer_jax.loop import Preemption, TrainingDiverged, check_finite  # noqa: F401 (re-exported)
 from peer_jax.metrics import MetricWriter, Progress
+from peer_jax.resume import resume_or_init, truncate_metrics
 from peer_jax.model import Transformer
+from peer_jax.run import Model
 from peer_jax.workdir_lock import WorkdirError, WorkdirLock
 from peer_jax.optim import learning_rate_schedule, make_optimizer  # noqa: F401 (re-exported)
 
@@ -44,10 +42,6 @@ class TrainState:
   params: Any  # nnx.State of Params
   opt_state: Any
   model_state: Any  # nnx.State of everything else (e.g. batch-norm running statistics)
-
-
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or Inf."""
 
 
 # ----------------------------------------------------------------------------- state
@@ -66,20 +60,18 @@ class Trainer:
 
   @classmethod
   def build(cls, cfg, devices=None) -> "Trainer":
-    mesh = sharding.make_mesh(dict(cfg.mesh), devices)
+    model = Model.build(cfg, devices)  # mesh, graphdef, parameter shardings (peer_jax/run.py)
     tx, schedule = make_optimizer(cfg.train, cfg.model)
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
-    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    abs_params, abs_rest = model.abstract_state.params, model.abstract_state.model_state
     abstract_state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
         opt_state=jax.eval_shape(tx.init, abs_params), model_state=abs_rest)
-    rules = tuple(cfg.sharding.rules)
     state_shardings = TrainState(
-        step=NamedSharding(mesh, P()),
-        params=sharding.tree_shardings(abs_params, mesh, rules),
-        opt_state=sharding.tree_shardings(abstract_state.opt_state, mesh, rules),
-        model_state=sharding.tree_shardings(abs_rest, mesh, rules))
-    return cls(cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state)
+        step=NamedSharding(model.mesh, P()), params=model.state_shardings.params,
+        opt_state=sharding.tree_shardings(abstract_state.opt_state, model.mesh,
+                                          tuple(cfg.sharding.rules)),
+        model_state=model.state_shardings.model_state)
+    return cls(cfg, model.mesh, model.graphdef, tx, schedule, state_shardings, abstract_state)
 
   def init_state(self) -> TrainState:
     """Initialise parameters directly in their shardings (no host copy of the full model)."""
@@ -212,25 +204,6 @@ def make_train_step(graphdef, tx, schedule, cfg):
   return train_step
 
 
-def check_finite(step: int, metrics: dict) -> None:
-  """TrainingDiverged if the step's loss or gradient norm is NaN or Inf."""
-  for key in ("train/loss", "train/grad_norm"):
-    if key not in metrics:
-      continue
-    value = float(metrics[key])
-    if not math.isfinite(value):
-      raise TrainingDiverged(
-          f"{key} is {value} at step {step}: training diverged. Lower train.learning_rate, "
-          f"raise train.warmup_steps, or keep train.grad_clip > 0.")
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def prepare(cfg) -> Tokenizer:
   """Validate the config and its files; fail before anything is compiled."""
   validate_config(cfg, num_devices=jax.device_count())
@@ -242,147 +215,50 @@ def prepare(cfg) -> Tokenizer:
   return tokenizer
 
 
-class Preemption:
-  """SIGTERM (what TPU VMs and SLURM send before preempting) asks for a save-and-exit.
-
-  Installed before anything slow starts (config checks, restore, compilation), so a SIGTERM
-  at any phase is a clean stop. The flag is only read at step boundaries (and between the
-  start-up phases); on several processes they agree on it, so all of them stop after the
-  same step. A SIGTERM that arrived before this handler was installed (scripts/train.py
-  catches them from its first line, in a handler with `peer_jax_requested`) counts too.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      if getattr(self._previous, "peer_jax_requested", False):
-        self.requested = True
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def agreed(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
-    return bool(np.any(flags))
+# ----------------------------------------------------------------------------- a run
 
 
 class StoppedBeforeTraining(Exception):
   """SIGTERM during start-up: nothing new to save; the run resumes when started again."""
 
 
-def _truncate_metrics(path: str, after_step: int, warn=None) -> None:
-  """Drop records past the restored step (the resumed run writes them again, identically),
-  and a torn line (a kill or a full disk mid-write), so a resume never fails on them."""
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  with open(path, "rb") as f:
-    raw = f.read()
-  keep, torn = [], []
-  lines = raw.split(b"\n")
-  for n, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line.decode("utf-8"))
-      if not isinstance(record, dict):
-        raise ValueError("not an object")
-    except ValueError:
-      torn.append(n + 1)
-      continue
-    if record.get("step", 0) <= after_step:
-      keep.append(line + b"\n")
-  if torn and warn is not None:
-    warn(f"warning: metrics: dropped {len(torn)} unreadable line(s) of {path} (line "
-         f"{', '.join(map(str, torn[:5]))}: cut off mid-write)")
-  new = b"".join(keep)
-  if new != raw:
-    with open(path + ".tmp", "wb") as f:
-      f.write(new)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+def run_hooks(cfg, trainer: Trainer, ckpt: Checkpointer | None, data, eval_sets
+              ) -> list[loop.Hook]:
+  """A run's hooks: evaluation of `eval_sets` (on device) every train.eval_every steps and
+  at the last; a checkpoint every checkpoint.every steps, at the last and on a SIGTERM,
+  after checking the step's metrics and state are finite (a NaN never reaches one)."""
+  hooks = []
+  if eval_sets:
+    evaluator = evaluation.Evaluator(trainer)
+    hooks.append(loop.Hook("eval", lambda step, state: evaluator.evaluate_sets(state, eval_sets),
+                           every=cfg.train.eval_every))
+  if ckpt is not None:
+    config_dict = json.loads(cfg.to_json_best_effort())
+    hooks.append(loop.Hook(
+        "save", lambda step, state: ckpt.save(step, state, data.get_state(), config_dict),
+        every=ckpt.every, on_stop=True, finish_first=True,
+        finite_state=lambda state: (state.params, state.opt_state),
+        not_done=lambda step: (f"checkpoint {step} was not written (latest: "
+                               f"{ckpt._latest_complete()})")))
+  return hooks
 
 
-def resume_or_init(cfg, trainer: Trainer, ckpt: Checkpointer, data, progress_message
-                   ) -> TrainState:
-  """The latest good checkpoint of this workdir, else checkpoint.init_from, else fresh init.
-
-  A workdir whose checkpoints are all unreadable stops with CheckpointError (never a fresh
-  start on top of a run); config changes that cannot be honoured stop with ConfigError.
-  """
-  current = json.loads(cfg.to_json_best_effort())
-
-  def refuse_frozen_changes(saved: dict, step: int) -> None:
-    frozen = [c for c in config_changes(saved, current) if key_group(c[0]) == "frozen"]
-    if frozen:
-      raise ConfigError(describe_changes(frozen)
-                        + f" since checkpoint {step} in {ckpt.directory}; these cannot "
-                        "change on resume (use a new --workdir, or checkpoint.init_from to start "
-                        "from its parameters)")
-
-  def apply_data(data_state) -> None:
-    if data_state is None:
-      return
-    now = data.get_state()
-    if isinstance(data_state, dict) and isinstance(now, dict) and \
-        data_state.get("format") == now.get("format") and \
-        "fingerprint" in data_state and data_state["fingerprint"] != now.get("fingerprint"):
-      saved_fp, now_fp = data_state["fingerprint"], now.get("fingerprint")
-      if isinstance(saved_fp, dict) and isinstance(now_fp, dict):
-        diff = ", ".join(f"{k}: {saved_fp.get(k)!r} -> {now_fp.get(k)!r}"
-                         for k in sorted(set(saved_fp) | set(now_fp))
-                         if saved_fp.get(k) != now_fp.get(k))
-      else:
-        diff = f"{saved_fp!r} -> {now_fp!r}"
-      raise ConfigError(f"data: the training data pipeline changed since the checkpoint "
-                        f"({diff}); the data stream cannot resume (change data.* back, or "
-                        "use a new --workdir)")
-    data.set_state(data_state)
-
-  restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings,
-                                 check_config=refuse_frozen_changes, apply_data=apply_data,
-                                 current_config=current)
-  if restored is not None:
-    if restored.step > cfg.train.steps:
-      raise ConfigError(f"train.steps: {cfg.train.steps} is below the step of checkpoint "
-                        f"{restored.step} in {ckpt.directory}: this run is already past it "
-                        f"(raise train.steps to continue it, or use a new --workdir)")
-    for key, old, new in config_changes(restored.config, current):
-      progress_message(f"config change on resume: {key}: {old!r} -> {new!r}")
-    progress_message(f"resumed from checkpoint {restored.step} in {ckpt.directory}")
-    return restored.state
-  damaged = os.listdir(ckpt.damaged_dir) if os.path.isdir(ckpt.damaged_dir) else []
-  if damaged:
-    raise CheckpointError(
-        f"{ckpt.directory} holds no checkpoint, but {ckpt.damaged_dir} holds {len(damaged)} "
-        "damaged one(s): this workdir has a run, which is not started over from step 1; "
-        "move a repaired checkpoint back, or use a new --workdir")
-  state = trainer.init_state()
-  if cfg.checkpoint.init_from:
-    step, params, model_state = restore_params(cfg.checkpoint.init_from, trainer.abstract_state,
-                                               trainer.state_shardings)
-    # A fresh optimizer and step counter around the other run's weights.
-    state = state.replace(params=params, model_state=model_state,
-                          opt_state=jax.jit(trainer.tx.init,
-                                            out_shardings=trainer.state_shardings.opt_state)(params))
-    progress_message(f"initialised parameters from {cfg.checkpoint.init_from} (step {step})")
-  return state
+def run_logging(cfg, writer, progress) -> loop.Logging:
+  """Where a run's finished steps go; MFU counts model FLOPs only (3x forward), not remat's
+  recomputation."""
+  return loop.Logging(every=cfg.train.log_every, writer=writer, progress=progress,
+                      flops_per_token=3 * flops.flops_per_token(cfg.model, cfg.train.seq_len)["total"],
+                      peak_flops=flops.device_peak_flops(), num_devices=jax.device_count())
 
 
-def describe_changes(changes) -> str:
-  return "; ".join(f"{k}: changed from {a!r} to {b!r}" for k, a, b in changes)
+def run_steps(cfg, trainer: Trainer, state: TrainState, data, *, start_step: int, hooks, log,
+              stop_requested=None, until: int | None = None) -> loop.LoopResult:
+  """loop.run_steps over `trainer`'s jitted step and global batches of `data`."""
+  with trainer.mesh:
+    return loop.run_steps(trainer.train_step, state,
+                          lambda: global_batch(next(data), trainer.batch_sharding),
+                          start_step=start_step, total_steps=cfg.train.steps, log=log,
+                          hooks=hooks, stop_requested=stop_requested, until=until)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -459,16 +335,10 @@ def _loop(cfg, workdir, trainer, ckpt, data, eval_sets, progress, state, start_s
   if jax.process_index() == 0:
     _write_text(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  # MFU counts model FLOPs only (3x forward), not remat's recomputation.
-  train_flops_per_token = 3 * flops.flops_per_token(cfg.model, cfg.train.seq_len)["total"]
-  peak_flops = flops.device_peak_flops()
   active_params = flops.param_counts(cfg.model)["active"]
   eval_sets = {name: s.on_device(trainer.batch_sharding) for name, s in eval_sets.items()}
-  evaluator = evaluation.Evaluator(trainer)
-
   writer = MetricWriter(workdir)
-  _truncate_metrics(writer.path, start_step,
-                    warn=lambda m: print(m, file=sys.stderr, flush=True))
+  truncate_metrics(writer.path, start_step, warn=lambda m: print(m, file=sys.stderr, flush=True))
   total = cfg.train.steps
   progress.restart_clock(start_step)
   if start_step >= total:
@@ -482,81 +352,15 @@ def _loop(cfg, workdir, trainer, ckpt, data, eval_sets, progress, state, start_s
       f"token), model.ffw={cfg.model.ffw}, mesh {dict(trainer.mesh.shape)}, steps "
       f"{start_step + 1}..{total} of {cfg.train.batch_size}x{cfg.train.seq_len} tokens; "
       f"writing to {workdir}")
-  config_dict = json.loads(cfg.to_json_best_effort())
-
-  pending = None  # (step, metrics still on device) of the step dispatched before
-  eval_results: dict[int, dict[str, float]] = {}
-  last_logged: dict[str, float] = {}
-  interval = {"tokens": 0.0, "t0": time.perf_counter(), "data_wait": 0.0, "excluded": 0.0}
-
-  def finish(step, device_metrics) -> None:
-    nonlocal last_logged
-    metrics = jax.device_get(device_metrics)
-    check_finite(step, metrics)
-    interval["tokens"] += float(metrics["train/tokens"])
-    if step % cfg.train.log_every == 0 or step == total or step in eval_results:
-      elapsed = time.perf_counter() - interval["t0"] - interval["excluded"]
-      scalars = {k: float(v) for k, v in metrics.items() if k != "train/tokens"}
-      scalars["train/tokens_per_sec"] = interval["tokens"] / max(elapsed, 1e-9)
-      scalars["train/mfu"] = flops.mfu(scalars["train/tokens_per_sec"], train_flops_per_token,
-                                       peak_flops, jax.device_count())
-      scalars["train/data_wait_sec"] = interval["data_wait"]
-      scalars.update(eval_results.pop(step, {}))
-      writer.write(step, scalars)
-      progress.print(step, scalars)
-      last_logged = {"step": step, **scalars}
-      interval.update(tokens=0.0, t0=time.perf_counter(), data_wait=0.0, excluded=0.0)
-    if step == start_step + 1:
-      # The first step compiled: keep it out of throughput and ETA.
-      progress.restart_clock(step)
-      interval.update(tokens=0.0, t0=time.perf_counter(), data_wait=0.0, excluded=0.0)
-
-  def run_eval(step) -> None:
-    jax.block_until_ready(state.step)  # the step's own compute is not eval time
-    t0 = time.perf_counter()
-    eval_results[step] = evaluator.evaluate_sets(state, eval_sets)
-    interval["excluded"] += time.perf_counter() - t0
-
-  def save(step) -> None:
-    """Checkpoint `step`, after checking that it is finite: a NaN never reaches a checkpoint."""
-    nonlocal pending
-    if pending is not None:
-      finish(*pending)  # this step's loss and gradient norm (TrainingDiverged if not finite)
-      pending = None
-    t0 = time.perf_counter()
-    if not bool(_all_finite((state.params, state.opt_state))):
-      raise TrainingDiverged(
-          f"the parameters or optimizer state are NaN or Inf after step {step}: training "
-          f"diverged; checkpoint {step} was not written (latest: {ckpt._latest_complete()}). "
-          "Lower train.learning_rate, raise train.warmup_steps, or keep train.grad_clip > 0.")
-    ckpt.save(step, state, data.get_state(), config_dict)
-    interval["excluded"] += time.perf_counter() - t0
-
-  step = start_step
-  with trainer.mesh:
-    for step in range(start_step + 1, total + 1):
-      t0 = time.perf_counter()
-      batch = global_batch(next(data), trainer.batch_sharding)
-      interval["data_wait"] += time.perf_counter() - t0
-      state, metrics = trainer.train_step(state, batch)
-      if pending is not None:
-        finish(*pending)
-      pending = (step, metrics)
-      if eval_sets and (step % cfg.train.eval_every == 0 or step == total):
-        run_eval(step)
-      stopping = step != total and preemption.agreed()
-      if ckpt.should_save(step) or step == total or stopping:
-        save(step)
-      if stopping:
-        ckpt.close()
-        writer.close()
-        progress.message(f"stopped by SIGTERM after step {step}; checkpoint saved in "
-                         f"{ckpt.directory}. Run the same command again to resume.")
-        return last_logged
-    if pending is not None:
-      finish(*pending)
+  result = run_steps(cfg, trainer, state, data, start_step=start_step,
+                     hooks=run_hooks(cfg, trainer, ckpt, data, eval_sets),
+                     log=run_logging(cfg, writer, progress), stop_requested=preemption.agreed)
   ckpt.close()
   writer.close()
-  progress.message(f"done: {total} steps; metrics in {writer.path}, TensorBoard logs in "
-                   f"{os.path.join(workdir, 'tensorboard')}, checkpoints in {ckpt.directory}")
-  return last_logged
+  if result.stopped:
+    progress.message(f"stopped by SIGTERM after step {result.step}; checkpoint saved in "
+                     f"{ckpt.directory}. Run the same command again to resume.")
+  else:
+    progress.message(f"done: {total} steps; metrics in {writer.path}, TensorBoard logs in "
+                     f"{os.path.join(workdir, 'tensorboard')}, checkpoints in {ckpt.directory}")
+  return result.last_logged

@@ -95,27 +95,11 @@ class _NoCheckpoint(Exception):
   pass
 
 
-def _build_trainer(cfg):
-  """Trainer on the current devices: the run's mesh if it fits, else pure data parallelism."""
-  import jax
-  from peer_jax import sharding
-  from peer_jax.train import Trainer
-  try:
-    return Trainer.build(cfg)
-  except sharding.MeshError as e:
-    fallback = {k: (-1 if k == "data" else 1) for k in cfg.mesh}
-    print(f"note: the run's mesh does not fit {jax.device_count()} devices ({e}); "
-          f"evaluating with mesh {fallback}", file=sys.stderr)
-    with cfg.unlocked():
-      cfg.mesh.update(fallback)
-    return Trainer.build(cfg)
-
-
 def evaluate(workdir: str, data: list[str], task: str, step: int | None, histogram: str | None,
              batch_size: int, max_batches: int, text_format: str | None) -> list[dict]:
   import jax
   from peer_jax import evaluate as ev
-  from peer_jax.checkpoint import Checkpointer, CheckpointError
+  from peer_jax import run
   from peer_jax.data import DataError, Tokenizer
   from peer_jax.data.sources import check_sources
   from peer_jax.sharding import data_parallel_size
@@ -130,8 +114,9 @@ def evaluate(workdir: str, data: list[str], task: str, step: int | None, histogr
       raise DataError(f"--data={path}: one source per --data, not a mixture")
   tokenizer = Tokenizer(cfg.data.tokenizer, add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos)
 
-  trainer = _build_trainer(cfg)
-  dp = data_parallel_size(tuple(trainer.mesh.devices.shape))
+  # The model without an optimizer, on the run's mesh if it fits here, else data parallel.
+  model = run.build(cfg)
+  dp = data_parallel_size(tuple(model.mesh.devices.shape))
   rows = batch_size or cfg.train.batch_size
   rows = -(-rows // dp) * dp  # every data-parallel device gets rows (padding rows are free)
   # Data before the checkpoint: a bad path fails in seconds.
@@ -143,22 +128,16 @@ def evaluate(workdir: str, data: list[str], task: str, step: int | None, histogr
     if names[:i].count(s.name):
       s.name = f"{s.name}_{names[:i].count(s.name) + 1}"
 
-  # Read-only: evaluation never moves, deletes or writes a run's checkpoints.
-  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-  try:
-    restored = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, step=step)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise CheckpointError(f"no readable checkpoint in {ckpt.directory}")
+  # Parameters only, read-only: evaluation never moves, deletes or writes a checkpoint.
+  restored_step, state = run.restore(workdir, model, step)
 
-  evaluator = ev.Evaluator(trainer)
+  evaluator = ev.Evaluator(model)
   results, routing = [], {}
   for s in sets:
     t0 = time.perf_counter()
-    metrics, z = evaluator.evaluate(restored.state, s.on_device(trainer.batch_sharding),
+    metrics, z = evaluator.evaluate(state, s.on_device(model.batch_sharding),
                                     return_routing=True)
-    record = {"data": s.data, "name": s.name, "task": s.task, "step": restored.step,
+    record = {"data": s.data, "name": s.name, "task": s.task, "step": restored_step,
               **{k: (int(v) if k in ("tokens", "examples") else v) for k, v in metrics.items()},
               "seconds": round(time.perf_counter() - t0, 3)}
     results.append(record)

@@ -68,10 +68,12 @@ def check_fits(cfg, prompt_ids: list[list[int]], max_new: int) -> None:
 
 def sample() -> None:
   check_flags()
-  from peer_jax.checkpoint import load_run, resolve_path
   from peer_jax.data import Tokenizer
+  from peer_jax.run import DATA_PARALLEL, load_run
   from peer_jax.sampling import cut_at_eos, generate
-  cfg, trainer, state = load_run(resolve_path(_WORKDIR.value), _STEP.value)
+  # Parameters only (no optimizer state), read-only, on all of this host's devices.
+  run = load_run(_WORKDIR.value, _STEP.value, mesh=DATA_PARALLEL)
+  cfg, state = run.cfg, run.state
   tokenizer = Tokenizer(cfg.data.tokenizer, add_bos=cfg.data.add_bos, add_eos=False)
   prompts = [tokenizer.encode(prompt) for prompt in _PROMPT.value]
   for n, ids in enumerate(prompts):
@@ -79,7 +81,7 @@ def sample() -> None:
       raise UsageError(f"--prompt: prompt {n + 1} is empty (no tokens); give some text")
   check_fits(cfg, prompts, _MAX_NEW.value)
   for i, ids in enumerate(prompts):
-    out = generate(trainer.graphdef, (state.params, state.model_state), [ids], _MAX_NEW.value,
+    out = generate(run.model.graphdef, (state.params, state.model_state), [ids], _MAX_NEW.value,
                    temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value + i)
     continuation = cut_at_eos([int(t) for t in out[0]], tokenizer.eos_id)
     # Decoding prompt and continuation together keeps SentencePiece's word boundaries.

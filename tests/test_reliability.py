@@ -22,8 +22,10 @@ import pytest
 from peer_jax import checkpoint as ck
 from peer_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from peer_jax.config_validation import ConfigError
-from peer_jax.train import (Trainer, TrainingDiverged, _truncate_metrics, resume_or_init,
-                            train_and_evaluate)
+from peer_jax import run as run_lib
+from peer_jax.loop import TrainingDiverged
+from peer_jax.resume import resume_or_init, truncate_metrics
+from peer_jax.train import Trainer, train_and_evaluate
 from peer_jax.workdir_lock import WorkdirError, WorkdirLock
 from tests.conftest import REPO, tiny_config
 
@@ -184,7 +186,7 @@ def test_torn_last_metrics_line_is_cut_off(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
   warnings = []
-  _truncate_metrics(str(path), 2, warn=warnings.append)
+  truncate_metrics(str(path), 2, warn=warnings.append)
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
   assert warnings and "metrics.jsonl" in warnings[0]
 
@@ -292,7 +294,7 @@ def test_init_from_another_shape_is_refused_naming_the_parameter(tmp_path):
   cfg.model.d_ff = 128
   trainer = Trainer.build(cfg)
   with pytest.raises(CheckpointError) as e:
-    ck.restore_params(str(tmp_path), trainer.abstract_state, trainer.state_shardings)
+    run_lib.restore_params(str(tmp_path), trainer.abstract_state, trainer.state_shardings)
   assert "params." in str(e.value) and "(32, 64)" in str(e.value) and "(32, 128)" in str(e.value)
 
 
@@ -350,8 +352,8 @@ def test_relative_and_home_paths_resolve(tmp_path, monkeypatch):
   _save(tmp_path / "runs" / "r", cfg, [2])
   (tmp_path / "runs" / "r" / "config.json").write_text(cfg.to_json_best_effort())
   monkeypatch.chdir(tmp_path)
-  _, _, state = ck.load_run("runs/r")
-  assert int(state.step) == 2
+  loaded = run_lib.load_run("runs/r")
+  assert loaded.step == 2 and not hasattr(loaded.state, "opt_state")  # parameters only
   monkeypatch.setenv("HOME", str(tmp_path))
   assert ck.resolve_path("~/runs/r") == str(tmp_path / "runs" / "r")
   assert ck.resolve_path("gs://bucket/run") == "gs://bucket/run"

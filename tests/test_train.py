@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from peer_jax.data.pipeline import TextDataIterator, global_batch
-from peer_jax.train import (TrainingDiverged, Trainer, check_finite, learning_rate_schedule,
-                            prepare, train_and_evaluate)
+from peer_jax.loop import TrainingDiverged, check_finite
+from peer_jax.train import Trainer, learning_rate_schedule, prepare, train_and_evaluate
 from tests.conftest import tiny_config
 
 
