@@ -240,30 +240,66 @@ def _called(attrs: str, key: str) -> list[str]:
   return [c.strip().lstrip("%") for c in m.group(1).strip("{}").split(",") if c.strip()]
 
 
-def trip_count(ins: Instr) -> int | None:
+def trip_count(ins: Instr, mod: Module | None = None) -> int | None:
+  """A while loop's trip count: XLA's known_trip_count, else read off its condition when
+  that is `counter < constant` (jax's scan / map / fori_loop counters start at 0)."""
   m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs)
-  return int(m.group(1)) if m else None
+  if m:
+    return int(m.group(1))
+  if mod is None:
+    return None
+  cond = (_called(ins.attrs, "condition") or [""])[0]
+  body = {b.name: b for b in mod.computations.get(cond, [])}
+  root = body.get(mod.roots.get(cond, ""))
+  if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
+    return None
+  for o in root.operands[1:]:
+    c = body.get(o)
+    if c is not None and c.opcode == "constant" and c.operands and c.operands[0].isdigit():
+      return int(c.operands[0])
+  return None
 
 
-def _fusion_param_read(p: Instr, users: list, shapes: dict) -> float:
-  """HloCostAnalysis::FusionParameterReadBytes: slices read their slice; in-place updates
-  read the update; every other use shares one full read."""
-  size, seen_full = 0.0, False
-  for u in users:
-    if u.opcode == "slice" or (u.opcode == "dynamic-slice" and u.operands[:1] == [p.name]):
+def tile_rows(shape: str) -> int:
+  """Rows of one memory tile of a TPU layout: T(8,128) -> 8; T(8,128)(2,1) (bf16) -> 16.
+
+  XLA's TPU cost model charges a gather or scatter of one row for the whole tile it lies
+  in (calibrated on single-op compiles: docs/scaling.md); 1 without a tiled layout."""
+  m = re.search(r":T\((\d+),\d+\)(?:\((\d+),1\))?", shape)
+  if not m:
+    return 1
+  return int(m.group(1)) * int(m.group(2) or 1)
+
+
+def _row_access(users_of, p: Instr, shapes: dict, tiles: bool):
+  """Bytes a fusion parameter is read with (None: read in full, once)."""
+  size, full = 0.0, False
+  amp = tile_rows(p.shape) if tiles else 1
+  for u in users_of(p.name):
+    if u.opcode == "bitcast":
+      sub, f = _row_access(users_of, u, shapes, tiles)
+      size, full = size + sub, full or f
+    elif u.opcode == "slice" or (u.opcode == "dynamic-slice" and u.operands[:1] == [p.name]):
       size += array_bytes(u.shape)
-    elif u.opcode in ("dynamic-update-slice", "scatter") and u.operands[:1] == [p.name]:
-      upd = u.operands[1] if u.opcode == "dynamic-update-slice" else u.operands[-1]
-      size += array_bytes(shapes.get(upd, ""))
+    elif u.opcode == "dynamic-update-slice" and u.operands[:1] == [p.name]:
+      size += array_bytes(shapes.get(u.operands[1], ""))
+    elif u.opcode == "scatter" and u.operands[:1] == [p.name]:
+      size += amp * array_bytes(shapes.get(u.operands[-1], ""))   # the rows it updates
     elif u.opcode == "gather" and u.operands[:1] == [p.name]:
-      size += array_bytes(u.shape)   # a gather reads the rows it returns
-    elif not seen_full:
-      seen_full = True
-      size += array_bytes(p.shape)
-  return size
+      size += amp * array_bytes(u.shape)   # the rows it returns (whole tiles on TPU)
+    else:
+      full = True
+  return size, full
 
 
-def fusion_bytes(ins: Instr, mod: Module, shapes: dict) -> float:
+def _fusion_param_read(p: Instr, users: dict, shapes: dict, tiles: bool = True) -> float:
+  """HloCostAnalysis::FusionParameterReadBytes: slices read their slice, in-place updates
+  and gathers the rows they touch; every other use shares one full read."""
+  size, full = _row_access(lambda n: users.get(n, []), p, shapes, tiles)
+  return size + (array_bytes(p.shape) if full else 0.0)
+
+
+def fusion_bytes(ins: Instr, mod: Module, shapes: dict, tiles: bool = True) -> float:
   cname = (_called(ins.attrs, "calls") or [""])[0]
   body = mod.computations.get(cname, [])
   params = {int(b.operands[0]): b for b in body
@@ -276,35 +312,37 @@ def fusion_bytes(ins: Instr, mod: Module, shapes: dict) -> float:
   read = 0.0
   for i, op in enumerate(ins.operands):
     p = params.get(i)
-    read += (_fusion_param_read(p, users[p.name], inner) if p is not None
+    read += (_fusion_param_read(p, users, inner, tiles) if p is not None
              else array_bytes(shapes.get(op, "")))
   r = next((b for b in body if b.name == mod.roots.get(cname)), body[-1] if body else None)
   write = array_bytes(ins.shape)
   if r is not None and r.opcode in ("dynamic-update-slice", "scatter"):
     upd = r.operands[1] if r.opcode == "dynamic-update-slice" else r.operands[-1]
-    write = array_bytes(inner.get(upd, ""))
+    amp = tile_rows(r.shape) if tiles and r.opcode == "scatter" else 1
+    write = amp * array_bytes(inner.get(upd, ""))
   return read + write
 
 
-def _op_bytes(ins: Instr, mod: Module, shapes: dict) -> float:
+def _op_bytes(ins: Instr, mod: Module, shapes: dict, tiles: bool = True) -> float:
   op = ins.opcode
   if op in FREE or op.endswith("-done") or op in ("while", "call", "conditional",
                                                    "async-start", "async-update", "async-done"):
     return 0.0
   if op == "fusion":
-    return fusion_bytes(ins, mod, shapes)
+    return fusion_bytes(ins, mod, shapes, tiles)
   out = array_bytes(ins.shape)
   if op.endswith("-start"):   # async collectives: the result tuple repeats the operand
     return sum(array_bytes(shapes.get(o, "")) for o in ins.operands) * 2
+  amp = tile_rows(shapes.get(ins.operands[0], "")) if tiles and ins.operands else 1
   if op == "gather":
-    return 2 * out + array_bytes(shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else out
+    return (1 + amp) * out + array_bytes(shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else out
   if op == "dynamic-slice":
     return 2 * out
   if op == "dynamic-update-slice":
     return 2 * array_bytes(shapes.get(ins.operands[1], ""))
   if op == "scatter":
     upd = array_bytes(shapes.get(ins.operands[-1], ""))
-    return 3 * upd + array_bytes(shapes.get(ins.operands[1], ""))
+    return (1 + 2 * amp) * upd + array_bytes(shapes.get(ins.operands[1], ""))
   return out + sum(array_bytes(shapes.get(o, "")) for o in ins.operands)
 
 
@@ -387,8 +425,12 @@ class Row:
   op_name: str
 
 
-def attribute(text: str, table_rows: int | None = None, loop_mode: str = "once") -> list[Row]:
-  """One Row per memory-touching instruction reachable from the entry computation."""
+def attribute(text: str, table_rows: int | None = None, loop_mode: str = "once",
+              tiles: bool = True) -> list[Row]:
+  """One Row per memory-touching instruction reachable from the entry computation.
+
+  tiles: charge gathers and scatters whole layout tiles per row, as XLA's TPU cost model
+  does (no effect on untiled CPU / GPU layouts)."""
   if loop_mode not in ("once", "trips"):
     raise ValueError(f"loop_mode {loop_mode!r}: expected 'once' or 'trips'")
   mod = parse_module(text)
@@ -399,7 +441,7 @@ def attribute(text: str, table_rows: int | None = None, loop_mode: str = "once")
     shapes = {b.name: b.shape for b in body}
     for ins in body:
       if ins.opcode == "while":
-        n = trip_count(ins) if loop_mode == "trips" else 1
+        n = trip_count(ins, mod) if loop_mode == "trips" else 1
         for c in _called(ins.attrs, "body") + _called(ins.attrs, "condition"):
           walk(c, mult * (n or 1), depth + 1)
         continue
@@ -411,7 +453,7 @@ def attribute(text: str, table_rows: int | None = None, loop_mode: str = "once")
           walk(c, mult, depth + 1)
         if ins.opcode != "async-start" or not subs:
           continue
-      b = _op_bytes(ins, mod, shapes)
+      b = _op_bytes(ins, mod, shapes, tiles)
       if b:
         rows.append(Row(ins.name, ins.opcode, classify(ins, mod, table_rows, shapes), b, mult,
                         ins.shape[:120], ins.op_name[-160:]))

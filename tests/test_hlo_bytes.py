@@ -190,3 +190,20 @@ def test_cpu_compiled_dense_step_has_no_table_terms():
   assert s["optimizer (tables)"] == s["table buffers"] == 0
   assert s["retrieval matmuls"] == 0 and s["dense matmuls"] > 0
   assert sum(s.values()) == pytest.approx(xla_total, rel=0.3)
+
+
+def test_tpu_tiles_and_inferred_trip_count():
+  assert hlo_bytes.tile_rows("f32[64,8]{1,0:T(8,128)}") == 8
+  assert hlo_bytes.tile_rows("bf16[64,8]{1,0:T(8,128)(2,1)}") == 16
+  assert hlo_bytes.tile_rows("f32[64,8]{1,0}") == 1
+  # On a TPU layout a gathered row costs its whole tile (XLA's TPU cost model).
+  tiled = MODULE.replace("%param_0 = f32[64,8]{1,0} parameter(0)\n  %param_1 = s32[4,1]{1,0} "
+                         "parameter(1)\n  ROOT %gather.1",
+                         "%param_0 = f32[64,8]{1,0:T(8,128)} parameter(0)\n  %param_1 = "
+                         "s32[4,1]{1,0} parameter(1)\n  ROOT %gather.1")
+  g = by_name(hlo_bytes.attribute(tiled, table_rows=64))["g"]
+  assert g.bytes == 8 * 4 * 8 * 4 + 4 * 4 + 4 * 8 * 4
+  assert by_name(hlo_bytes.attribute(tiled, table_rows=64, tiles=False))["g"].bytes == 272
+  # Without known_trip_count the count is read off `counter < constant` in the condition.
+  plain = MODULE.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
+  assert by_name(hlo_bytes.attribute(plain, loop_mode="trips"))["e"].count == 3
