@@ -3,9 +3,9 @@
 
   # 1. compile for a TPU topology and keep the HLO (needs libtpu: docs/scaling.md)
   python scripts/compile_tpu.py --config=configs/c4_peer.py:6e18 --topology=v5p-32 \\
-      --config.mesh.tensor=4 --config.model.peer.kernel=xla --hlo_out=peer.hlo --json=peer.json
+      --config.mesh.tensor=4 --config.model.peer.kernel=xla --hlo_out=HLO_FILE --json=peer.json
   # 2. attribute its bytes per device to categories
-  python scripts/tpu_bytes.py --hlo=peer.hlo --table_rows=1048576 --xla_json=peer.json
+  python scripts/tpu_bytes.py --hlo=HLO_FILE --table_rows=1048576 --xla_json=peer.json
 
 (`compile_tpu.py --breakdown` does step 2 in the same run.) Prints bytes per category
 (peer_jax/hlo_bytes.py: gathers, scatters, table buffers, optimizer, retrieval matmuls,
