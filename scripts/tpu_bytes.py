@@ -29,13 +29,14 @@ flags.DEFINE_float("xla_bytes", 0.0, "XLA's bytes accessed per device, for the r
 flags.DEFINE_string("xla_json", None, "compile_tpu.py --json output (gives --xla_bytes).")
 flags.DEFINE_integer("top", 15, "How many of the largest instructions to list.")
 flags.DEFINE_string("json", None, "Also write the breakdown as JSON here.")
-flags.mark_flags_as_required(["hlo"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS.hlo:
+    raise app.UsageError("--hlo is required (an optimized HLO text: compile_tpu.py --hlo_out)")
   from peer_jax import hlo_bytes
   text = open(FLAGS.hlo).read()
   rows_n = FLAGS.table_rows or None
@@ -71,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from peer_jax.cli import parse_flags
+  app.run(main, flags_parser=parse_flags)
