@@ -41,6 +41,10 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "Config file (configs/...).", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-32, v4-8, v5e-16.")
   flags.DEFINE_string("json", None, "Also write the results as JSON to this file.")
+  flags.DEFINE_string("hlo_out", None, "Also write the optimized HLO text (per device) here "
+                      "(scripts/tpu_bytes.py reads it).")
+  flags.DEFINE_bool("breakdown", False, "Also attribute XLA's bytes per device to categories "
+                    "(gathers, scatters, table buffers, optimizer, ...; peer_jax/hlo_bytes.py).")
   flags.DEFINE_integer("num_slices", 1, "Number of slices of --topology, joined over DCN "
                        "(multi-slice); must equal the product of the config's mesh.dcn_* sizes.")
   flags.mark_flags_as_required(["config", "topology"])
@@ -154,11 +158,55 @@ def _cost(compiled) -> dict:
   return dict(cost or {})
 
 
-def compile_report(cfg, topology: str, num_slices: int = 1) -> dict:
+def table_rows(model_cfg) -> int | None:
+  """Rows N of the model's expert tables (PEER experts, PKM memories); None without tables."""
+  if model_cfg.ffw == "peer":
+    return model_cfg.peer.num_experts
+  if model_cfg.ffw == "pkm":
+    return model_cfg.pkm.num_memories
+  return None
+
+
+def breakdown_report(hlo_text: str, xla_bytes_once: float, rows_n, accum: int = 1) -> dict:
+  """Bytes per device by category (peer_jax/hlo_bytes.py), scaled like the XLA total."""
+  from peer_jax import hlo_bytes
+  once = hlo_bytes.attribute(hlo_text, table_rows=rows_n, loop_mode="once")
+  trips = hlo_bytes.attribute(hlo_text, table_rows=rows_n, loop_mode="trips")
+  cats = {k: accum * v for k, v in hlo_bytes.summarize(once).items()}
+  ours = sum(cats.values())
+  trips_total = accum * sum(hlo_bytes.summarize(trips).values())
+  # XLA counts a while body once; the chunked expert path loops over its chunks, so the
+  # traffic XLA leaves out is our (trips - once) difference.
+  return {"categories": cats, "attributed_bytes": ours,
+          "unattributed_bytes": accum * xla_bytes_once - ours,
+          "loop_bytes_not_in_xla": trips_total - ours,
+          "categories_with_loop_trips": {k: accum * v for k, v in
+                                         hlo_bytes.summarize(trips).items()},
+          "top_instructions": hlo_bytes.top_rows(once, 12)}
+
+
+def compile_train_step(cfg, devices):
+  """(trainer, compiled): the real train step compiled ahead of time for `devices` (any
+  platform: TPU topology devices here, CPU devices in the tests), on abstract inputs."""
   import jax
-  from peer_jax import flops, sharding
-  from peer_jax.config_validation import validate_config
+  from peer_jax import sharding
   from peer_jax.train import BATCH_KEYS, Trainer
+  trainer = Trainer.build(cfg, devices=devices)
+  b, t = cfg.train.batch_size, cfg.train.seq_len
+  batch = {k: jax.ShapeDtypeStruct((b, t), "float32" if k == "mask" else "int32",
+                                   sharding=trainer.batch_sharding(2)) for k in BATCH_KEYS}
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       trainer.abstract_state, trainer.state_shardings)
+  with sharding.use_rules(trainer.mesh, tuple(cfg.sharding.rules)):
+    return trainer, trainer.train_step.lower(state, batch).compile()
+
+
+def compile_report(cfg, topology: str, num_slices: int = 1, hlo_out: str | None = None,
+                   breakdown: bool = False) -> dict:
+  import jax
+  from peer_jax import flops
+  from peer_jax.config_validation import validate_config
+  from peer_jax.train import Trainer
 
   _, _, chips_per_slice = parse_topology(topology)
   check_num_slices(cfg.mesh, num_slices)
@@ -172,27 +220,25 @@ def compile_report(cfg, topology: str, num_slices: int = 1) -> dict:
   share = chips / len(devices)
   chip = {k: (v * share if k in ("hbm", "peak", "bw") else v) for k, v in CHIPS[gen].items()}
   validate_config(cfg, num_devices=len(devices), check_files=False)
-  trainer = Trainer.build(cfg, devices=devices)
   b, t = cfg.train.batch_size, cfg.train.seq_len
-  batch = {k: jax.ShapeDtypeStruct((b, t), "float32" if k == "mask" else "int32",
-                                   sharding=trainer.batch_sharding(2)) for k in BATCH_KEYS}
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       trainer.abstract_state, trainer.state_shardings)
-  with sharding.use_rules(trainer.mesh, tuple(cfg.sharding.rules)):
-    lowered = trainer.train_step.lower(state, batch)
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      # XLA refuses programs that do not fit the chip: report that, with its numbers.
-      return {"topology": topology, "libtpu_topology": libtpu_name, "chips": chips,
-              "num_slices": num_slices, "devices": len(devices),
-              "device_kind": devices[0].device_kind, "mesh": dict(trainer.mesh.shape),
-              "config_model": f"{cfg.model.ffw} d{cfg.model.d_model} L{cfg.model.num_layers}",
-              "params": flops.param_counts(cfg.model)["total"], "fits": False,
-              "hbm_per_device_bytes": chip["hbm"],
-              "compiler_message": str(e).splitlines()[0][:400]}
+  try:
+    trainer, compiled = compile_train_step(cfg, devices)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # XLA refuses programs that do not fit the chip: report that, with its numbers.
+    trainer = Trainer.build(cfg, devices=devices)
+    return {"topology": topology, "libtpu_topology": libtpu_name, "chips": chips,
+            "num_slices": num_slices, "devices": len(devices),
+            "device_kind": devices[0].device_kind, "mesh": dict(trainer.mesh.shape),
+            "config_model": f"{cfg.model.ffw} d{cfg.model.d_model} L{cfg.model.num_layers}",
+            "params": flops.param_counts(cfg.model)["total"], "fits": False,
+            "hbm_per_device_bytes": chip["hbm"],
+            "compiler_message": str(e).splitlines()[0][:400]}
+  hlo_text = compiled.as_text() if (hlo_out or breakdown) else ""
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(hlo_text)
   mem = compiled.memory_analysis()
   # Donated state: outputs alias the arguments, so count arguments + temporaries (+ code).
   per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -206,6 +252,10 @@ def compile_report(cfg, topology: str, num_slices: int = 1) -> dict:
   step_s = max(xla_flops / chip["peak"], xla_bytes / chip["bw"])
   model_flops = 3 * flops.flops_per_token(cfg.model, t)["total"] * b * t
   n = len(devices)
+  extra = {}
+  if breakdown:
+    extra["bytes_breakdown"] = breakdown_report(hlo_text, xla_bytes / accum,
+                                                table_rows(cfg.model), accum)
   return {
       "topology": topology, "libtpu_topology": libtpu_name, "chips": chips,
       "num_slices": num_slices, "devices": n,
@@ -223,6 +273,9 @@ def compile_report(cfg, topology: str, num_slices: int = 1) -> dict:
       "est_step_time_s": step_s, "model_flops_per_step": model_flops,
       "implied_mfu": model_flops / (n * chip["peak"] * step_s) if step_s > 0 else float("nan"),
       "tokens_per_sec": b * t / step_s if step_s > 0 else float("nan"),
+      "peer_kernel": cfg.model.peer.kernel if cfg.model.ffw == "peer" else None,
+      "table_optimizer": cfg.train.table_optimizer, "grad_accum_steps": accum,
+      **extra,
   }
 
 
@@ -252,11 +305,15 @@ def main(argv):
   from peer_jax.config_validation import ConfigError
   FLAGS = flags.FLAGS
   try:
-    report = compile_report(FLAGS.config, FLAGS.topology, FLAGS.num_slices)
+    report = compile_report(FLAGS.config, FLAGS.topology, FLAGS.num_slices, FLAGS.hlo_out,
+                            FLAGS.breakdown)
   except (TopologyError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_report(report))
+  if "bytes_breakdown" in report:
+    from peer_jax.hlo_bytes import format_breakdown
+    print(format_breakdown(report["bytes_breakdown"], report["xla_bytes_per_device"]))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(report, f, indent=2)
