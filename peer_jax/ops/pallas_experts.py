@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from peer_jax.ops.experts import check_expert_args
+from peer_jax.ops.chunking import check_expert_args
 
 DEFAULT_BLOCK_TOKENS = 64   # tokens per forward / token-backward grid step
 DEFAULT_BLOCK_ROWS = 256    # table rows per row-backward grid step
