@@ -26,8 +26,10 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from peer_jax.data import pipeline, sources
-from peer_jax.data.sources import DataError
+from peer_jax.data import sources
+from peer_jax.data.batches import global_batch, local_batch, resolve_shard, to_model_batch
+from peer_jax.data.eval_batches import eval_sources, make_eval_iterator
+from peer_jax.data.sources import DataError, config_value, single_source
 
 TASKS = ("lm", "lambada")
 
@@ -55,7 +57,7 @@ class EvalSet:
 
   def on_device(self, sharding_for) -> "EvalSet":
     """The same set with its batches as global arrays (`sharding_for(ndim)` -> sharding)."""
-    return dataclasses.replace(self, batches=[pipeline.global_batch(b, sharding_for)
+    return dataclasses.replace(self, batches=[global_batch(b, sharding_for)
                                               for b in self.batches])
 
 
@@ -77,7 +79,7 @@ class _RecordingTokenizer:
 def window_bytes(records: Sequence[tuple[int, int]], seq_len: int, num_windows: int) -> float:
   """UTF-8 bytes scored by the first `num_windows` eval windows of documents (tokens, bytes).
 
-  Windows follow `pipeline.eval_windows`: a document of n tokens has n-1 targets in windows
+  Windows follow `eval_batches.eval_windows`: a document of n tokens has n-1 targets in windows
   of seq_len targets (the last one shorter); a document only partly evaluated counts the
   share of its bytes that its evaluated targets are of its n-1 targets.
   """
@@ -104,29 +106,16 @@ def _global_sum(x: float) -> float:
   return float(np.sum(multihost_utils.process_allgather(np.asarray([x], np.float64))))
 
 
-def _single_source(source):
-  if isinstance(source, sources.SourceSpec):
-    return source
-  specs = sources.parse_sources(source, default_split="validation")
-  if len(specs) != 1:
-    raise DataError(f"an eval source is one source, not a mixture: {source!r}")
-  return specs[0]
-
-
 def _describe(source) -> str:
   return source.source if isinstance(source, sources.SourceSpec) else str(source)
-
-
-def _cfg(data_cfg, key, default):
-  return pipeline._cfg(data_cfg, key, default)  # noqa: SLF001  (the data package's own helper)
 
 
 def load_lm_set(data_cfg, tokenizer, source, *, batch_size: int, seq_len: int,
                 max_batches: int | None = None, name: str | None = None) -> EvalSet:
   """Windows of every document of `source` (see module doc), this host's local batches."""
-  spec = _single_source(source)
+  spec = single_source(source)
   recorder = _RecordingTokenizer(tokenizer)
-  it = pipeline.make_eval_iterator(data_cfg, recorder, spec, batch_size=batch_size,
+  it = make_eval_iterator(data_cfg, recorder, spec, batch_size=batch_size,
                                    seq_len=seq_len, max_batches=max_batches)
   batches = list(it)
   # Each window starts at position 0 of a real segment; the global count fixes the bytes.
@@ -187,8 +176,8 @@ def lambada_batches(examples: list[LambadaExample], *, batch_size: int, seq_len:
 
   Returns this host's local batches and the examples they hold (with `where` filled in).
   """
-  index, count = pipeline.resolve_shard(shard_index, shard_count)
-  local = pipeline._local_batch(batch_size, count)  # noqa: SLF001
+  index, count = resolve_shard(shard_index, shard_count)
+  local = local_batch(batch_size, count)
   width = seq_len + 1
   rows, placed, used = [], [], width  # rows: (tokens, segments, positions, is_target)
   for ex in examples:
@@ -214,7 +203,7 @@ def lambada_batches(examples: list[LambadaExample], *, batch_size: int, seq_len:
   for b in range(len(rows) // batch_size):
     mine = rows[b * batch_size + index * local:b * batch_size + (index + 1) * local]
     tok, segs, pos, tgt = (np.stack([r[i] for r in mine]) for i in range(4))
-    batch = pipeline.to_model_batch({"tokens": tok, "tokens_segment_ids": segs,
+    batch = to_model_batch({"tokens": tok, "tokens_segment_ids": segs,
                                      "tokens_positions": pos})
     batch["mask"] = (batch["mask"] * tgt[:, 1:]).astype(np.float32)
     batches.append(batch)
@@ -224,9 +213,9 @@ def lambada_batches(examples: list[LambadaExample], *, batch_size: int, seq_len:
 def load_lambada_set(data_cfg, tokenizer, source, *, batch_size: int, seq_len: int,
                      max_batches: int | None = None, name: str | None = None) -> EvalSet:
   """LAMBADA-format passages (one per document: `.txt` line or `.jsonl` `text`)."""
-  spec = _single_source(source)
-  docs = sources.open_source(spec, text_format=_cfg(data_cfg, "text_format", "lines"),
-                             tfds_data_dir=_cfg(data_cfg, "tfds_data_dir", "") or None)
+  spec = single_source(source)
+  docs = sources.open_source(spec, text_format=config_value(data_cfg, "text_format", "lines"),
+                             tfds_data_dir=config_value(data_cfg, "tfds_data_dir", "") or None)
   plain = _plain_encoder(tokenizer)
   examples = []
   for i in range(len(docs)):
@@ -264,7 +253,7 @@ def load_eval_sets(cfg, tokenizer) -> dict[str, EvalSet]:
   if not cfg.train.eval_every:
     return {}
   out = {}
-  for name, spec in pipeline.eval_sources(cfg.data.eval_paths).items():
+  for name, spec in eval_sources(cfg.data.eval_paths).items():
     out[name] = load_eval_set(cfg.data, tokenizer, spec, task=task_of(name), name=name,
                               batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                               max_batches=cfg.data.eval_batches or None)
