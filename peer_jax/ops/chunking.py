@@ -12,6 +12,7 @@ are that common part, written once:
 * `acc_dtype`: the compute / accumulation dtype (never below f32).
 * `hidden`: the expert hidden value from its pre-activations, σ(a) or GLU's σ(g) · a.
 * `check_expert_args`: the shapes every expert implementation needs.
+* `round_up`: n rounded up to a multiple of m (the Pallas kernels' block padding).
 """
 
 import jax
@@ -85,3 +86,8 @@ def map_chunks(body, arrays, chunk_size):
   num_tokens = arrays[0].shape[0]
   out = lax.map(body, tuple(to_chunks(a, chunk_size) for a in arrays))
   return jax.tree.map(lambda o: from_chunks(o, num_tokens), out)
+
+
+def round_up(n, m):
+  """n rounded up to a multiple of m."""
+  return -(-n // m) * m
