@@ -13,6 +13,15 @@ Two kinds of config are built from it (docs/scaling.md, docs/sweeps.md):
 Every single run is one point of that sweep: same backbone, expert layer, batch, steps, LR
 and warmup (tests/test_paper_configs.py checks this).
 
+A single run (each configs/c4_KIND.py says only what is particular to its kind):
+
+  python scripts/train.py --config=configs/c4_KIND.py:6e18 --workdir=runs/c4_KIND_6e18
+  python scripts/train.py --config=configs/c4_KIND.py:2e19 --workdir=runs/c4_KIND_2e19
+
+batch 128 x 2048 tokens on C4 (tfds:c4/en:3.1.0), bf16, remat; evaluated on C4 validation and,
+with $PEER_EVAL_DATA, the paper's other sets (below; docs/evaluation.md). Meshes and per-chip
+memory on TPU pods: docs/scaling.md (e.g. --config.mesh.tensor=4).
+
 Stated by the paper (He 2024, arXiv 2407.04153, §3) and used here: C4; batch 128 sequences
 x 2048 tokens; budgets 6e18 and 2e19 FLOPs; the middle block's FFW replaced by the expert
 layer; PEER with 1024² experts, h = 8, k = 16, query batch-norm; PKM with 1024² memories, h = 8,

@@ -1,8 +1,10 @@
 """isoFLOP sweeps: plan runs at fixed compute budgets, collect their summaries, fit, tabulate, plot.
 
-The pieces live in peer_jax/sweep_plan.py (the config, run names, phases, commands, run
-status, summaries) and peer_jax/sweep_analysis.py (fits, bracketing, seed spread, table,
-plot); this module re-exports both and ties the phases together (docs/sweeps.md):
+The pieces live in peer_jax/sweep_config.py (base config, overrides, smoke form, tokenizer),
+sweep_plan.py (checks, run names, phases), sweep_commands.py (train / gcloud commands, time
+estimate), sweep_collect.py (run status, summaries) and sweep_analysis.py (fits,
+bracketing, seed spread, table, plot); this module re-exports them and ties the phases
+together (docs/sweeps.md):
 
     state = sweep_state(planner, summaries)   # what is planned, what is done, what is next
     report(sweep_cfg, results_dir)            # table.md, table.csv, fits.json, isoflop.png
@@ -20,13 +22,16 @@ from typing import Any
 from peer_jax.sweep_analysis import (  # noqa: F401  (re-exported)
     STATUS_TEXT, analyze, arch_label, bracket_status, fit_curve, fit_parabola, plot_isoflop,
     pick_seed_sizes, ratios, table_markdown, write_table)
+from peer_jax.sweep_collect import (  # noqa: F401  (re-exported)
+    final_eval, make_summary, plan_digest, read_metrics, read_summaries, results_dir_of,
+    run_status, summary_matches, summary_path, write_jsonl, write_summary)
+from peer_jax.sweep_commands import (  # noqa: F401  (re-exported)
+    estimate_seconds, gcloud_command, shell_join, train_command)
+from peer_jax.sweep_config import (  # noqa: F401  (re-exported)
+    REPO, SweepError, apply_overrides, apply_smoke, ensure_sweep_tokenizer, load_config_file)
 from peer_jax.sweep_plan import (  # noqa: F401  (re-exported)
-    ARCH_LABELS, ARCHS, FIT_X, PHASES, REPO, Planner, Run, SweepError, apply_overrides,
-    apply_smoke, budget_sizes, ensure_sweep_tokenizer, estimate_seconds, final_eval,
-    format_budget, gcloud_command, load_config_file, make_summary, parse_budget,
-    parse_run_name, plan_digest, plan_sweep, read_metrics, read_summaries, results_dir_of,
-    run_name, run_status, shell_join, size_grid, summary_matches, summary_path,
-    train_command, validate_sweep, write_jsonl, write_summary)
+    ARCH_LABELS, ARCHS, FIT_X, PHASES, Planner, Run, budget_sizes, format_budget,
+    parse_budget, parse_run_name, plan_sweep, run_name, size_grid, validate_sweep)
 
 
 def select_eval_set(sweep, planner: Planner) -> str:

@@ -2,7 +2,7 @@
 pick the sizes a second seed runs, estimate the compute-optimal loss with its seed spread and
 the ratios to dense, and write the Table-1-style table, its CSV and the plot.
 
-Everything here reads only run summaries (dicts as written by sweep_plan.make_summary:
+Everything here reads only run summaries (dicts as written by sweep_collect.make_summary:
 name, arch, budget, seed, phase, params, ..., eval: {SET: {loss, ppl, bpb}}, experts), so
 the committed summaries alone regenerate every output.
 

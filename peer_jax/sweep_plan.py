@@ -1,5 +1,8 @@
-"""isoFLOP sweeps, planning half: the sweep config, run names, the runs of each phase, their
-commands, their status and their small committed summaries (analysis: sweep_analysis.py).
+"""isoFLOP sweeps, planning: the sweep config's checks, run names and the runs of each phase.
+
+Beside it: sweep_config.py (base config, overrides, smoke form, tokenizer), sweep_commands.py
+(train / gcloud commands, time estimate), sweep_collect.py (run status, summaries) and
+sweep_analysis.py (fits, table, plot); peer_jax/sweep.py re-exports them all.
 
 A sweep config (configs/isoflop_*.py) is a ConfigDict with
   base:        path (relative to the repository root) of the run config every run starts from
@@ -40,29 +43,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import importlib.util
 import itertools
-import json
 import math
-import os
 import re
-import shlex
-from typing import Any, Iterable
+from typing import Any
 
 from peer_jax import flops as flops_lib
 from peer_jax import kinds
+# The config half and the collecting / launching halves live in sweep_config.py,
+# sweep_collect.py and sweep_commands.py (the sweep.py façade re-exports them all).
+from peer_jax.sweep_config import REPO, SweepError, apply_overrides, load_config_file  # noqa: F401
+from peer_jax.sweep_config import flat_keys as _flat
+from peer_jax.sweep_config import need as _need
+from peer_jax.sweep_config import portable as _portable
+from peer_jax.sweep_config import tokenizer_settings
 
 ARCHS = kinds.names()  # every registered FFW kind, in registry order
 ARCH_LABELS = {name: kinds.get(name).label for name in ARCHS}
 FIT_X = ("params", "active_params", "non_embedding_params", "tokens")
 PHASES = ("lr", "main", "seed")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUMMARY_VERSION = 1
-
-
-class SweepError(ValueError):
-  """A bad sweep config or sweep directory; str() is one line."""
 
 
 # ----------------------------------------------------------------------------- names
@@ -148,77 +147,6 @@ class Run:
   @property
   def size(self) -> tuple[int, int]:
     return (self.d_model, self.num_layers)
-
-
-def load_config_file(path: str):
-  """get_config() of a Python config file (path absolute or relative to the repository)."""
-  full = path if os.path.isabs(path) else os.path.join(REPO, path)
-  if not os.path.isfile(full):
-    raise SweepError(f"base: config file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"_sweep_base_{abs(hash(full))}", full)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def _flat(d, prefix: str = "") -> dict[str, Any]:
-  """Nested dicts/ConfigDicts -> {'a.b.c': value} (config override keys)."""
-  out = {}
-  for key, value in (d or {}).items():
-    if hasattr(value, "items"):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def apply_overrides(cfg, overrides: dict[str, Any]):
-  """A copy of cfg with flat 'a.b.c' keys set; unknown keys or wrong types raise SweepError."""
-  cfg = copy.deepcopy(cfg)
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = cfg
-    try:
-      for part in parents:
-        node = node[part]
-      if leaf not in node:
-        raise KeyError(leaf)
-      old = node[leaf]
-      if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-      node[leaf] = value
-    except (KeyError, AttributeError, TypeError) as e:
-      raise SweepError(f"override {key}={value!r}: not a settable key of the base config "
-                       f"({type(e).__name__}: {e})") from None
-  return cfg
-
-
-def apply_smoke(sweep):
-  """The sweep config with its `smoke` overrides (nested like the sweep config) applied."""
-  smoke = sweep.get("smoke")
-  if not smoke:
-    raise SweepError("smoke: this sweep config has no smoke form (add a 'smoke' section)")
-  out = copy.deepcopy(sweep)
-  with out.unlocked():
-    for key, value in _flat(smoke).items():
-      *parents, leaf = key.split(".")
-      node = out
-      for i, part in enumerate(parents):
-        if part not in node:
-          if parents[0] not in ("overrides", "arch_overrides") or i == 0:
-            raise SweepError(f"smoke: {key}: not a key of the sweep config")
-          node[part] = {}  # free-form override sections may grow
-        node = node[part]
-      if leaf not in node and parents[:1] not in (["overrides"], ["arch_overrides"]):
-        raise SweepError(f"smoke: {key}: not a key of the sweep config")
-      node[leaf] = value
-  return out
-
-
-def _need(sweep, key: str):
-  if key not in sweep:
-    raise SweepError(f"{key}: missing from the sweep config")
-  return sweep[key]
 
 
 def _positive_number(v) -> bool:
@@ -333,28 +261,6 @@ def _training_flops(model_cfg, seq_len: int, key: str) -> float:
   m = copy.deepcopy(model_cfg)
   m.remat = False  # model FLOPs: remat's recomputation is a cost, not part of the budget
   return flops_lib.flops_per_token(m, seq_len, training=True)[key]
-
-
-def tokenizer_settings(sweep, base, workdir: str | None) -> dict[str, Any]:
-  """Overrides that point every run at the sweep's own small tokenizer ({} if none)."""
-  tok = sweep.get("tokenizer") or {}
-  vocab = tok.get("vocab_size", 0)
-  if not vocab:
-    return {}
-  from peer_jax.small_tokenizer import tokenizer_path
-  train_path = tok.get("train_path") or base.data.train_path
-  path = tokenizer_path(workdir or os.path.join(REPO, "runs", "_sweep"), train_path, vocab)
-  return {"data.tokenizer": path, "model.vocab_size": vocab}
-
-
-def ensure_sweep_tokenizer(sweep, base, workdir: str, log=print) -> str | None:
-  """Train (once) and return the sweep's small tokenizer, or None when it uses the base one."""
-  tok = sweep.get("tokenizer") or {}
-  if not tok.get("vocab_size"):
-    return None
-  from peer_jax.small_tokenizer import ensure_tokenizer
-  return ensure_tokenizer(workdir, tok.get("train_path") or base.data.train_path,
-                          tok.vocab_size, log=log)
 
 
 class Planner:
@@ -524,218 +430,3 @@ def plan_sweep(sweep, workdir: str | None = None) -> tuple[list[Run], list[dict[
   names = {r.name for r in lr}
   main = [r for r in p.main_runs(p.pinned_lrs()) if r.name not in names]
   return lr + main, p.dropped
-
-
-# ----------------------------------------------------------------------------- time
-
-
-def estimate_seconds(run: Run, timing) -> float:
-  """Planned wall time of one run: per-run overhead + its FLOPs at the arch's sustained
-  GFLOP/s or its tokens at the arch's tokens/s, whichever is slower."""
-  timing = timing or {}
-  rates = []
-  gflops = dict(timing.get("gflops") or {}).get(run.arch)
-  if gflops:
-    rates.append(run.total_flops / (gflops * 1e9))
-  tps = dict(timing.get("tokens_per_sec") or {}).get(run.arch)
-  if tps:
-    rates.append(run.tokens / tps)
-  if not rates:
-    rates.append(run.total_flops / 10e9)
-  return float(timing.get("overhead_s", 30.0)) + max(rates)
-
-
-# ----------------------------------------------------------------------------- launching
-
-
-def _flag_value(value) -> str:
-  if isinstance(value, bool):
-    return "true" if value else "false"
-  if isinstance(value, float):
-    return repr(value)
-  return str(value)
-
-
-def train_command(run: Run, base: str, workdir: str, python: str = "python") -> list[str]:
-  """argv of the scripts/train.py run for `run` (relative paths: run from the repository root)."""
-  cmd = [python, "scripts/train.py", f"--config={base}", f"--workdir={workdir}"]
-  cmd += [f"--config.{k}={_flag_value(v)}" for k, v in run.overrides.items()]
-  return cmd
-
-
-def shell_join(argv: Iterable[str]) -> str:
-  return " ".join(shlex.quote(a) for a in argv)
-
-
-def gcloud_command(run: Run, base: str, tpu: str, gcfg) -> list[str]:
-  """`gcloud compute tpus tpu-vm ssh TPU --worker=all --command=...` for one run."""
-  workdir = f"{gcfg.workdir.rstrip('/')}/runs/{run.name}"
-  remote = (f"cd {shlex.quote(gcfg.repo_dir)} && "
-            + shell_join(train_command(run, base, workdir, python=gcfg.python)))
-  cmd = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu]
-  if gcfg.get("zone"):
-    cmd.append(f"--zone={gcfg.zone}")
-  if gcfg.get("project"):
-    cmd.append(f"--project={gcfg.project}")
-  cmd += ["--worker=all", f"--command={remote}"]
-  return cmd
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  """Records of a metrics.jsonl; a torn last line (killed mid-write) is skipped."""
-  out = []
-  if not os.path.exists(path):
-    return out
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return out
-
-
-def final_eval(records: list[dict], steps: int) -> dict[str, float] | None:
-  """The eval metrics logged at `steps` (the final step), or None if not there yet."""
-  for r in reversed(records):
-    if r.get("step") == steps and any(k.startswith("eval/") for k in r):
-      return {k: v for k, v in r.items() if k.startswith("eval/")}
-  return None
-
-
-def run_status(run_dir: str, steps: int) -> tuple[str, int]:
-  """('done' | 'partial' | 'missing', last logged step) of a run directory."""
-  records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-  if final_eval(records, steps) is not None:
-    return "done", steps
-  if records or os.path.isdir(os.path.join(run_dir, "checkpoints")):
-    return "partial", max((r.get("step", 0) for r in records), default=0)
-  return "missing", 0
-
-
-# ----------------------------------------------------------------------------- summaries
-
-
-def _portable(value):
-  """Machine-specific paths made portable: the data directory -> $DATA, a sweep tokenizer ->
-  its file name."""
-  if isinstance(value, str):
-    from configs.base import SHARED_DATA
-    value = value.replace(os.path.normpath(SHARED_DATA), "$DATA")
-    if "/tokenizer/spm_" in value:  # its file name holds a digest of the local data path
-      value = "$WORKDIR/tokenizer/" + re.sub(r"^(spm_\d+)_[0-9a-f]+", r"\1",
-                                             os.path.basename(value))
-  return value
-
-
-_NOT_DIGESTED = ("train.log_every", "train.eval_every", "data.prefetch", "data.num_threads")
-
-
-def plan_digest(run: Run) -> str:
-  """A digest of the model, train and data settings the run trains with (the base config's
-  included; paths made portable; logging and input-pipeline threading left out): a summary
-  whose digest differs was made by another plan or another base config, and is not a
-  result of this one."""
-  if run.resolved:
-    keys = {"seed": run.resolved["seed"]}
-    for section in ("model", "train", "data"):
-      keys.update({f"{section}.{k}": v for k, v in run.resolved[section].items()
-                   if f"{section}.{k}" not in _NOT_DIGESTED})
-  else:
-    keys = {k: _portable(v) for k, v in run.overrides.items()
-            if k not in _NOT_DIGESTED and not k.startswith("checkpoint.")}
-  return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def split_eval(ev: dict[str, float]) -> tuple[dict, dict]:
-  """{'eval/SET/loss': ..} -> ({SET: {loss, ppl, bpb, tokens}}, {SET: {BLOCK: {usage, ..}}})."""
-  evals, experts = {}, {}
-  for key, value in ev.items():
-    _, set_name, metric = key.split("/", 2)
-    if metric.startswith("experts/"):
-      _, block, stat = metric.split("/", 2)
-      experts.setdefault(set_name, {}).setdefault(block, {})[stat] = value
-    else:
-      evals.setdefault(set_name, {})[metric] = value
-  return evals, experts
-
-
-def make_summary(run: Run, run_dir: str, base: str) -> dict[str, Any] | None:
-  """The small committed record of a finished run (None if it has not finished)."""
-  records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-  ev = final_eval(records, run.steps)
-  if ev is None:
-    return None
-  evals, experts = split_eval(ev)
-  last = next(r for r in reversed(records) if r.get("step") == run.steps)
-  train = {k.split("/", 1)[1]: v for k, v in last.items()
-           if k in ("train/loss", "train/tokens_per_sec")}
-  rec = {k: v for k, v in run.plan_record().items() if k not in ("overrides", "provisional")}
-  rec.update({
-      "summary_version": SUMMARY_VERSION, "plan_digest": plan_digest(run),
-      "config": {"base": base, "overrides": {k: _portable(v) for k, v in run.overrides.items()},
-                 "resolved": run.resolved},
-      "eval": evals, "experts": experts, "train": train,
-  })
-  return rec
-
-
-def summary_path(results_dir: str, name: str) -> str:
-  return os.path.join(results_dir, "runs", f"{name}.json")
-
-
-def write_summary(results_dir: str, summary: dict) -> str:
-  path = summary_path(results_dir, summary["name"])
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
-  return path
-
-
-def read_summaries(results_dir: str) -> dict[str, dict]:
-  """{name: summary} of every results_dir/runs/*.json (a damaged file raises SweepError)."""
-  out = {}
-  folder = os.path.join(results_dir, "runs")
-  if not os.path.isdir(folder):
-    return out
-  for fn in sorted(os.listdir(folder)):
-    if not fn.endswith(".json"):
-      continue
-    try:
-      with open(os.path.join(folder, fn)) as f:
-        rec = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise SweepError(f"results_dir: damaged summary {os.path.join(folder, fn)} ({e})") \
-          from None
-    out[rec.get("name", fn[:-5])] = rec
-  return out
-
-
-def summary_matches(summary: dict | None, run: Run) -> bool:
-  return bool(summary) and summary.get("plan_digest") == plan_digest(run)
-
-
-def results_dir_of(sweep, workdir: str | None, override: str | None = None) -> str:
-  """--results_dir, else the config's results_dir (relative to the repository), else
-  WORKDIR/results."""
-  if override:
-    return os.path.abspath(override)
-  if sweep.get("results_dir"):
-    rd = sweep.results_dir
-    return rd if os.path.isabs(rd) else os.path.join(REPO, rd)
-  if not workdir:
-    raise SweepError("results_dir: not set in the sweep config; give --results_dir or --workdir")
-  return os.path.join(os.path.abspath(workdir), "results")
-
-
-def write_jsonl(path: str, records: Iterable[dict]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(path + ".tmp", path)

@@ -25,12 +25,8 @@ is a small JSON dict (`get_state`/`set_state`, one entry per lane): after `set_s
 stream continues exactly where it was. `merge_process_states` joins the states saved by
 every process, so any process count can pick up its lanes.
 
-Evaluation (`make_eval_iterator`): documents in file order, no shuffle, no repeat, no
-document continued from one row into the next as in training. Each document is cut into
-windows of `seq_len + 1` tokens overlapping by one token, so every token but the
-document's first is a target exactly once; windows are placed whole, each as its own
-segment, into rows filled first-fit in order, then padded. The last batch is padded with
-empty rows (mask 0), so all data counts and every host yields the same number of batches.
+Evaluation batches (`make_eval_iterator`, eval_batches.py) and the batch layout shared with
+training (batches.py) are re-exported here.
 """
 
 import atexit
@@ -41,53 +37,22 @@ import weakref
 from typing import Any, Iterator, Sequence
 
 import grain
-import jax
 import numpy as np
 
 from peer_jax.data import sources as sources_lib
+from peer_jax.data.batches import (BATCH_KEYS, global_batch, lane_range,  # noqa: F401
+                                   local_batch, resolve_shard, to_model_batch)
+from peer_jax.data.eval_batches import (EvalIterator, eval_rows, eval_sources,  # noqa: F401
+                                        eval_windows, make_eval_iterator)
 from peer_jax.data.sources import DataError, SourceSpec
+from peer_jax.data.sources import config_value as _cfg
 from peer_jax.data.streaming import StreamLaneDataset, StreamSource
 from peer_jax.data.tokenizer import Tokenizer
 
 STATE_FORMAT = "peer_jax.data/2"
-BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _cfg(data_cfg, key: str, default):
-  """data_cfg[key] if the config has it (ConfigDict, dict or object), else default."""
-  if data_cfg is None:
-    return default
-  if isinstance(data_cfg, dict) or hasattr(data_cfg, "keys"):
-    try:
-      return data_cfg[key] if key in data_cfg else default
-    except TypeError:
-      pass
-  return getattr(data_cfg, key, default)
-
-
-def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
-  """(index, count) of this host's share; defaults to (jax.process_index(), process_count())."""
-  count = jax.process_count() if shard_count is None else int(shard_count)
-  index = jax.process_index() if shard_index is None else int(shard_index)
-  if count < 1 or not 0 <= index < count:
-    raise DataError(f"shard_index {index} is not in [0, shard_count={count})")
-  return index, count
-
-
-def _local_batch(batch_size: int, shard_count: int) -> int:
-  if batch_size < 1 or batch_size % shard_count:
-    raise DataError(f"train.batch_size {batch_size} is not divisible by {shard_count} "
-                    f"processes (data shards)")
-  return batch_size // shard_count
-
-
-def lane_range(batch_size: int, shard_index: int, shard_count: int) -> range:
-  """The lanes (rows of the global batch) process `shard_index` of `shard_count` computes."""
-  local = _local_batch(batch_size, shard_count)
-  return range(shard_index * local, (shard_index + 1) * local)
 
 
 def _seed32(seed: int, i: int) -> int:
@@ -102,29 +67,6 @@ class _Tokenize:
 
   def __call__(self, text: str) -> dict[str, np.ndarray]:
     return {"tokens": np.asarray(self.tokenizer.encode(text), np.int32)}
-
-
-def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Packed rows of seq_len+1 tokens -> inputs, targets, positions, segments, loss mask.
-
-  A target counts only when it continues the input's document (same segment, not
-  padding): the first token of the next document is not predicted from the last one.
-  """
-  tokens, segs, pos = rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"]
-  mask = (segs[:, 1:] == segs[:, :-1]) & (segs[:, 1:] > 0)
-  return {
-      "inputs": tokens[:, :-1].astype(np.int32),
-      "targets": tokens[:, 1:].astype(np.int32),
-      "positions": pos[:, :-1].astype(np.int32),
-      "segment_ids": segs[:, :-1].astype(np.int32),
-      "mask": mask.astype(np.float32),
-  }
-
-
-def global_batch(local: dict[str, np.ndarray], sharding_for) -> dict[str, jax.Array]:
-  """Assemble per-process batches into global arrays (`sharding_for(ndim)` gives sharding)."""
-  return {k: jax.make_array_from_process_local_data(sharding_for(v.ndim), v)
-          for k, v in local.items()}
 
 
 def _to_json(state):
@@ -411,7 +353,7 @@ def build_train_iterator(opened: Sequence[OpenedSource], tokenizer: Tokenizer, *
                          prefetch: int = 2, shuffle_buffer: int = 256) -> DataIterator:
   """The packed, batched training stream over already opened sources (see module doc)."""
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
-  local = _local_batch(batch_size, shard_count)
+  local = local_batch(batch_size, shard_count)
   if seq_len < 1:
     raise DataError(f"seq_len must be >= 1, got {seq_len}")
   lanes = lane_range(batch_size, shard_index, shard_count)
@@ -472,99 +414,3 @@ class TextDataIterator(DataIterator):
                               seed=seed, shuffle=shuffle, num_epochs=None if repeat else 1)
     self.__dict__.update(it.__dict__)
     _LIVE.add(self)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def eval_windows(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
-  """Windows of <= seq_len+1 tokens overlapping by one: each token but the first is a target once."""
-  n = len(tokens)
-  if n < 2:
-    return []
-  return [tokens[s:s + seq_len + 1] for s in range(0, n - 1, seq_len)]
-
-
-def eval_rows(docs, tokenizer: Tokenizer, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
-  """Rows {tokens, tokens_segment_ids, tokens_positions} of seq_len+1, in document order."""
-  width = seq_len + 1
-
-  def new_row():
-    return {"tokens": np.zeros(width, np.int32), "tokens_segment_ids": np.zeros(width, np.int32),
-            "tokens_positions": np.zeros(width, np.int32)}
-
-  row, used, seg = new_row(), 0, 0
-  for text in docs:
-    for window in eval_windows(np.asarray(tokenizer.encode(text), np.int32), seq_len):
-      if used + len(window) > width:
-        yield row
-        row, used, seg = new_row(), 0, 0
-      seg += 1
-      row["tokens"][used:used + len(window)] = window
-      row["tokens_segment_ids"][used:used + len(window)] = seg
-      row["tokens_positions"][used:used + len(window)] = np.arange(len(window))
-      used += len(window)
-  if used:
-    yield row
-
-
-class EvalIterator:
-  """Finite, deterministic local batches over one eval source (see module doc).
-
-  Every host computes the same global sequence of rows and keeps its own slice of each
-  global batch, so all hosts yield the same number of batches (the last one padded).
-  """
-
-  def __init__(self, docs: Sequence[str], tokenizer: Tokenizer, *, batch_size: int,
-               seq_len: int, max_batches: int | None = None, shard_index: int | None = None,
-               shard_count: int | None = None, name: str = "eval"):
-    self.shard_index, self.shard_count = resolve_shard(shard_index, shard_count)
-    self.local_batch_size = _local_batch(batch_size, self.shard_count)
-    self.batch_size, self.seq_len, self.max_batches = batch_size, seq_len, max_batches
-    self._docs, self._tokenizer, self.name = docs, tokenizer, name
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    width = self.seq_len + 1
-    empty = {"tokens": np.zeros(width, np.int32), "tokens_segment_ids": np.zeros(width, np.int32),
-             "tokens_positions": np.zeros(width, np.int32)}
-    lo = self.shard_index * self.local_batch_size
-    rows = eval_rows(self._docs, self._tokenizer, self.seq_len)
-    produced = 0
-    while self.max_batches is None or produced < self.max_batches:
-      batch = []
-      for row in rows:
-        batch.append(row)
-        if len(batch) == self.batch_size:
-          break
-      if not batch:
-        return
-      batch += [empty] * (self.batch_size - len(batch))
-      mine = batch[lo:lo + self.local_batch_size]
-      yield to_model_batch({k: np.stack([r[k] for r in mine]) for k in empty})
-      produced += 1
-
-
-def make_eval_iterator(data_cfg, tokenizer: Tokenizer, source: str | SourceSpec, *,
-                       batch_size: int, seq_len: int, max_batches: int | None = None,
-                       shard_index: int | None = None, shard_count: int | None = None,
-                       ) -> EvalIterator:
-  """Eval batches of one source (a single-source spec; default split `validation`)."""
-  spec = source
-  if isinstance(source, str):
-    specs = sources_lib.parse_sources(source, default_split="validation")
-    if len(specs) != 1:
-      raise DataError(f"an eval source is one source, not a mixture: {source!r}")
-    spec = specs[0]
-  docs = sources_lib.open_source(spec, text_format=_cfg(data_cfg, "text_format", "lines"),
-                                 tfds_data_dir=_cfg(data_cfg, "tfds_data_dir", "") or None,
-                                 bad_records=_cfg(data_cfg, "bad_records", "error"))
-  return EvalIterator(docs, tokenizer, batch_size=batch_size, seq_len=seq_len,
-                      max_batches=max_batches, shard_index=shard_index,
-                      shard_count=shard_count, name=spec.name)
-
-
-def eval_sources(eval_paths: str) -> dict[str, SourceSpec]:
-  """`data.eval_paths` ('name=SOURCE,name2=SOURCE2') -> {name: SourceSpec}."""
-  if not str(eval_paths or "").strip():
-    return {}
-  return {s.name: s for s in sources_lib.parse_sources(eval_paths, default_split="validation")}

@@ -124,6 +124,28 @@ def check_sources(spec: str, default_split: str | None = "train") -> list[Source
   return specs
 
 
+def single_source(source, default_split: str = "validation") -> SourceSpec:
+  """A SourceSpec, or a spec string naming exactly one source (eval sets take one)."""
+  if isinstance(source, SourceSpec):
+    return source
+  specs = parse_sources(source, default_split=default_split)
+  if len(specs) != 1:
+    raise DataError(f"an eval source is one source, not a mixture: {source!r}")
+  return specs[0]
+
+
+def config_value(data_cfg, key: str, default):
+  """data_cfg[key] if the config has it (ConfigDict, dict or object), else default."""
+  if data_cfg is None:
+    return default
+  if isinstance(data_cfg, dict) or hasattr(data_cfg, "keys"):
+    try:
+      return data_cfg[key] if key in data_cfg else default
+    except TypeError:
+      pass
+  return getattr(data_cfg, key, default)
+
+
 # ----------------------------------------------------------------------------- local files
 
 
@@ -227,6 +249,26 @@ def _decoded_lines(path: str):
       raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
+def json_record_text(line: str, path: str, n: int, text_field: str = "text",
+                     error=DataError) -> str:
+  """The `text_field` string of one JSON-lines record (line `n` of `path`); `error(message)`
+  naming file and line when the record has none (DataError here, the streaming reader's
+  BadRecord there)."""
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise error(f"{path}: line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(obj, dict) or text_field not in obj:
+    keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+    raise error(f"{path}: line {n}: JSON object has no {text_field!r} field "
+                f"(found: {keys or 'nothing'})")
+  text = obj[text_field]
+  if not isinstance(text, str):
+    raise error(f"{path}: line {n}: field {text_field!r} is a {type(text).__name__}, "
+                f"not a string")
+  return text
+
+
 def iter_file_documents(path: str, text_format: str, text_field: str = "text"):
   """Yield the non-empty documents of one local file, in file order."""
   fmt = file_format(path, text_format)
@@ -250,18 +292,7 @@ def iter_file_documents(path: str, text_format: str, text_field: str = "text"):
     for n, line in _decoded_lines(path):
       if not line.strip():
         continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, dict) or text_field not in obj:
-        keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-        raise DataError(f"{path}: line {n}: JSON object has no {text_field!r} field "
-                        f"(found: {keys or 'nothing'})")
-      text = obj[text_field]
-      if not isinstance(text, str):
-        raise DataError(f"{path}: line {n}: field {text_field!r} is a "
-                        f"{type(text).__name__}, not a string")
+      text = json_record_text(line, path, n, text_field)
       if text.strip():
         yield text
 

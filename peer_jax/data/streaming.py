@@ -33,15 +33,14 @@ import dataclasses
 import gzip
 import hashlib
 import io
-import json
 import logging
 import os
-import zlib
 from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
 
+from peer_jax.data.shard_records import BadRecord, Position, decode_record, read_records
 from peer_jax.data.sources import (COMPRESSED_SUFFIXES, JSONL_SUFFIXES, DataError, ZstdReader,
                                    file_format)
 
@@ -122,95 +121,6 @@ def open_shard(path: str) -> io.BufferedIOBase:
   return raw
 
 
-# ----------------------------------------------------------------------------- one shard
-
-
-@dataclasses.dataclass(frozen=True)
-class Position:
-  """Where a lane's reader is: epoch, piece of that epoch's plan, and inside its shard the
-  number of lines consumed, the (decompressed) byte offset and the next record's index."""
-  epoch: int = 0
-  piece: int = 0
-  line: int = 0
-  byte: int = 0
-  record: int = 0
-
-  def to_json(self) -> list[int]:
-    return [self.epoch, self.piece, self.line, self.byte, self.record]
-
-  @classmethod
-  def from_json(cls, v) -> "Position":
-    return cls(*(int(x) for x in v))
-
-
-class BadRecord(Exception):
-  """A record that could not be parsed (internal: becomes DataError or a skip)."""
-
-
-def _records(f, path: str, fmt: str, line: int, byte: int, record: int):
-  """(text or None, lines_after, bytes_after, record_index) for each record from a position.
-
-  A record is a non-blank line (jsonl, lines) or a blank-line separated block (paragraphs);
-  the text is decoded lazily by the caller (`None` here means "not decoded").
-  """
-  n, offset = line, byte
-  para: list[bytes] = []
-  start = 0
-  try:
-    for raw in f:
-      n += 1
-      offset += len(raw)
-      if fmt == "paragraphs":
-        if raw.strip():
-          if not para:
-            start = n
-          para.append(raw)
-          continue
-        if not para:
-          continue
-        yield b"".join(para), start, n, offset, record
-        para = []
-        record += 1
-      elif raw.strip():
-        yield raw, n, n, offset, record
-        record += 1
-  except DataError:
-    raise
-  except (OSError, EOFError, zlib.error) as e:
-    raise BadRecord(f"{path}: line {n + 1}: corrupt or truncated compressed shard "
-                    f"({type(e).__name__}: {e})") from None
-  except Exception as e:  # zstandard.ZstdError and friends
-    raise BadRecord(f"{path}: line {n + 1}: cannot read shard ({type(e).__name__}: {e})") from None
-  if para:
-    yield b"".join(para), start, n, offset, record
-
-
-def decode_record(raw: bytes, path: str, line: int, fmt: str, text_field: str = "text") -> str:
-  """The document of one raw record; BadRecord (naming shard and line) when it has none."""
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise BadRecord(f"{path}: line {line}: bytes are not valid UTF-8 at byte offset "
-                    f"{e.start} of the line ({e.reason})") from None
-  if fmt == "lines":
-    return text.strip()
-  if fmt == "paragraphs":
-    return "\n".join(l.rstrip("\r") for l in text.split("\n") if l.strip())
-  try:
-    obj = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise BadRecord(f"{path}: line {line}: not valid JSON ({e.msg} at column {e.colno})") from None
-  if not isinstance(obj, dict) or text_field not in obj:
-    keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-    raise BadRecord(f"{path}: line {line}: JSON object has no {text_field!r} field "
-                    f"(found: {keys or 'nothing'})")
-  value = obj[text_field]
-  if not isinstance(value, str):
-    raise BadRecord(f"{path}: line {line}: field {text_field!r} is a {type(value).__name__}, "
-                    f"not a string")
-  return value
-
-
 # ----------------------------------------------------------------------------- lanes
 
 
@@ -270,7 +180,7 @@ def _shard_documents(src: StreamSource, shard: int) -> Iterator[str]:
   skipped, records = 0, 0
   with open_shard(path) as f:
     try:
-      for raw, first, _, _, _ in _records(f, path, fmt, 0, 0, 0):
+      for raw, first, _, _, _ in read_records(f, path, fmt, 0, 0, 0):
         records += 1
         try:
           text = decode_record(raw, path, first, fmt, src.text_field)
@@ -379,7 +289,7 @@ class LaneReader:
           except Exception as e:
             raise DataError(f"{path}: cannot read shard up to the saved position (line "
                             f"{line}): {type(e).__name__}: {e}") from None
-      records = _records(f, path, fmt, line, byte, pos.record)
+      records = read_records(f, path, fmt, line, byte, pos.record)
       total = pos.record
       try:
         for raw, first, n, offset, k in records:

@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from peer_jax.ops.chunking import hidden
+
 F32 = jnp.float32
 
 
@@ -42,16 +44,9 @@ def scatter_outer(num_rows, idx_TM, a_TM, x_TD):
                           vmap_method="sequential")(idx_TM, a_TM, x_TD)
 
 
-def _hidden(activation, pre):
-  if len(pre) == 1:
-    return activation(pre[0])
-  up, gate = pre
-  return activation(gate) * up
-
-
 def _forward(activation, x_TD, idx_TM, w_TM, ins, v_ND):
   pre = tuple(gather_dot(t, idx_TM, x_TD) for t in ins)
-  coef_TM = w_TM * _hidden(activation, pre)
+  coef_TM = w_TM * hidden(activation, pre)
   return gather_wsum(v_ND, idx_TM, coef_TM), pre
 
 
@@ -67,7 +62,7 @@ def _peer_cpu_fwd(activation, x_TD, idx_TM, w_TM, ins, v_ND):
 
 def _peer_cpu_bwd(activation, res, dy_TD):
   x_TD, idx_TM, w_TM, ins, v_ND, pre = res
-  h_TM, h_vjp = jax.vjp(lambda *p: _hidden(activation, p), *pre)
+  h_TM, h_vjp = jax.vjp(lambda *p: hidden(activation, p), *pre)
   dcoef_TM = gather_dot(v_ND, idx_TM, dy_TD)
   dw_TM = dcoef_TM * h_TM
   dpre = h_vjp(dcoef_TM * w_TM)

@@ -27,6 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from peer_jax.ops import cpu_kernels
+# check_expert_args is also imported from here by callers.
+from peer_jax.ops.chunking import (acc_dtype, check_expert_args, clamp_chunk, flat_routing,
+                                   from_chunks, hidden, map_chunks, to_chunks)
 
 # Tokens per chunk. Peak temporaries are ~4 (chunk, H·K, D) f32 buffers (two gathers,
 # two gradient-row blocks): at the paper's H·K = 128, D = 1024 that is 0.5 GiB at 256,
@@ -36,37 +39,6 @@ DEFAULT_CHUNK_SIZE = 256
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _acc_dtype(*arrays):
-  """Compute/accumulation dtype: the inputs' float type, but never below f32."""
-  return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
-
-
-def _to_chunks(a, chunk_size):
-  """(T, ...) -> (T_pad / C, C, ...), zero-padding the tail.
-
-  Zero padding is inert: padded tokens have weight 0 and cotangent 0, so they add
-  nothing to y or to any table gradient, and their dx / dweights rows are sliced away.
-  """
-  num_tokens = a.shape[0]
-  pad = -num_tokens % chunk_size
-  if pad:
-    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-  return a.reshape(-1, chunk_size, *a.shape[1:])
-
-
-def _from_chunks(a, num_tokens):
-  """(T_pad / C, C, ...) -> (T, ...)."""
-  return a.reshape(-1, *a.shape[2:])[:num_tokens]
-
-
-def _hidden(activation, pre_tuple):
-  """Expert hidden value from the pre-activations: σ(a) or, for GLU, σ(g) · a."""
-  if len(pre_tuple) == 1:
-    return activation(pre_tuple[0])
-  up, gate = pre_tuple
-  return activation(gate) * up
 
 
 def _gather_pre(x_CD, idx_CM, table_ND, acc):
@@ -80,20 +52,17 @@ def _gather_pre(x_CD, idx_CM, table_ND, acc):
 
 
 def _chunk_forward(activation, x_CD, idx_CM, w_CM, ins, v_ND):
-  acc = _acc_dtype(x_CD, w_CM, v_ND, *ins)
+  acc = acc_dtype(x_CD, w_CM, v_ND, *ins)
   pre = tuple(_gather_pre(x_CD, idx_CM, t, acc)[1] for t in ins)
-  coef_CM = w_CM.astype(acc) * _hidden(activation, pre)
+  coef_CM = w_CM.astype(acc) * hidden(activation, pre)
   v_CMD = v_ND.at[idx_CM].get(mode="promise_in_bounds")
   return jnp.einsum("cm,cmd->cd", coef_CM, v_CMD, preferred_element_type=acc)
 
 
 def _forward(activation, chunk_size, x_TD, idx_TM, w_TM, ins, v_ND):
-  num_tokens = x_TD.shape[0]
-  chunks = (_to_chunks(x_TD, chunk_size), _to_chunks(idx_TM, chunk_size),
-            _to_chunks(w_TM, chunk_size))
-  y_nCD = lax.map(lambda c: _chunk_forward(activation, *c, ins, v_ND), chunks)
-  out_dtype = jnp.result_type(x_TD, w_TM, v_ND, *ins)
-  return _from_chunks(y_nCD, num_tokens).astype(out_dtype)
+  y_TD = map_chunks(lambda c: _chunk_forward(activation, *c, ins, v_ND), (x_TD, idx_TM, w_TM),
+                    chunk_size)
+  return y_TD.astype(jnp.result_type(x_TD, w_TM, v_ND, *ins))
 
 
 def _chunk_backward(activation, carry, chunk, ins, v_ND):
@@ -105,7 +74,7 @@ def _chunk_backward(activation, carry, chunk, ins, v_ND):
 
   gathered = [_gather_pre(x_CD, idx_CM, t, acc) for t in ins]
   pre = tuple(p for _, p in gathered)
-  h_CM, h_vjp = jax.vjp(lambda *p: _hidden(activation, p), *pre)
+  h_CM, h_vjp = jax.vjp(lambda *p: hidden(activation, p), *pre)
   v_CMD = v_ND.at[idx_CM].get(mode="promise_in_bounds")
 
   dcoef_CM = jnp.einsum("cd,cmd->cm", dy_CD, v_CMD, preferred_element_type=acc)
@@ -150,14 +119,14 @@ _ZERO_INIT = (-0.0, 0.0)
 def _peer_bwd(activation, chunk_size, res, dy_TD):
   x_TD, idx_TM, w_TM, ins, v_ND = res
   num_tokens = x_TD.shape[0]
-  acc = _acc_dtype(x_TD, w_TM, v_ND, *ins)
+  acc = acc_dtype(x_TD, w_TM, v_ND, *ins)
   init = (tuple(jnp.full(t.shape, _ZERO_INIT[i % 2], acc) for i, t in enumerate(ins)),
           jnp.zeros(v_ND.shape, acc))
-  chunks = tuple(_to_chunks(a, chunk_size) for a in (x_TD, idx_TM, w_TM, dy_TD))
+  chunks = tuple(to_chunks(a, chunk_size) for a in (x_TD, idx_TM, w_TM, dy_TD))
   body = lambda carry, chunk: _chunk_backward(activation, carry, chunk, ins, v_ND)
   (dins, dv_ND), (dx_nCD, dw_nCM) = lax.scan(body, init, chunks)
-  dx_TD = _from_chunks(dx_nCD, num_tokens).astype(x_TD.dtype)
-  dw_TM = _from_chunks(dw_nCM, num_tokens).astype(w_TM.dtype)
+  dx_TD = from_chunks(dx_nCD, num_tokens).astype(x_TD.dtype)
+  dw_TM = from_chunks(dw_nCM, num_tokens).astype(w_TM.dtype)
   dins = tuple(d.astype(t.dtype) for d, t in zip(dins, ins))
   return dx_TD, None, dw_TM, dins, dv_ND.astype(v_ND.dtype)
 
@@ -165,25 +134,10 @@ def _peer_bwd(activation, chunk_size, res, dy_TD):
 _peer.defvjp(_peer_fwd, _peer_bwd)
 
 
-def check_expert_args(x, indices, weights, *tables):
-  """The shapes every expert-path implementation needs: x (T, D), indices and weights
-  (T, H, K), tables (N, D) of one shape. Raises ValueError naming what is wrong."""
-  num_tokens, d = x.shape
-  if indices.shape != weights.shape or indices.shape[0] != num_tokens:
-    raise ValueError(f"indices {indices.shape} / weights {weights.shape} must be (T, H, K), "
-                     f"T = {num_tokens}")
-  shapes = [t.shape for t in tables]
-  if any(s != shapes[0] or len(s) != 2 or s[1] != d for s in shapes):
-    raise ValueError(f"tables {shapes} must all be (N, {d})")
-
-
 def _call(x, indices, weights, ins, v, activation, chunk_size, fast_cpu=False):
   check_expert_args(x, indices, weights, *ins, v)
-  num_tokens = x.shape[0]
-  idx_TM = indices.reshape(num_tokens, -1).astype(jnp.int32)
-  w_TM = weights.reshape(num_tokens, -1)
-  # A chunk larger than T would only add padding work.
-  chunk_size = max(1, min(int(chunk_size), num_tokens))
+  idx_TM, w_TM = flat_routing(indices, weights)
+  chunk_size = clamp_chunk(chunk_size, x.shape[0])
   xla_path = lambda *a: _peer(activation, chunk_size, *a)
   arrays = (x, idx_TM, w_TM, tuple(ins), v)
   if (fast_cpu and all(a.dtype == jnp.float32 for a in (x, w_TM, v, *ins))

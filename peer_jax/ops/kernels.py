@@ -149,18 +149,17 @@ def expert_mixture(impl: str, x_TD, idx_THK, w_THK, ins, v_ND, activation, *,
   keeps the CPU FFI kernels behind `lax.platform_dependent` (XLA if traced for another
   platform, and for non-f32 inputs), as before the switch existed.
   """
-  from peer_jax.ops import experts
+  from peer_jax.ops import chunking, experts
   if impl == "xla" or (impl == "cpu_ffi" and auto):
     return experts._call(x_TD, idx_THK, w_THK, tuple(ins), v_ND, activation, chunk_size,
                          fast_cpu=impl == "cpu_ffi")
   if impl == "cpu_ffi":
     from peer_jax.ops.cpu_experts import peer_experts_cpu
-    experts.check_expert_args(x_TD, idx_THK, w_THK, *ins, v_ND)
-    t = x_TD.shape[0]
+    chunking.check_expert_args(x_TD, idx_THK, w_THK, *ins, v_ND)
+    idx_TM, w_TM = chunking.flat_routing(idx_THK, w_THK)
     out_dtype = jnp.result_type(x_TD, w_THK, v_ND, *ins)
     y = peer_experts_cpu(activation, x_TD.astype(jnp.float32),
-                         idx_THK.reshape(t, -1).astype(jnp.int32),
-                         w_THK.reshape(t, -1).astype(jnp.float32), tuple(ins), v_ND)
+                         idx_TM, w_TM.astype(jnp.float32), tuple(ins), v_ND)
     return y.astype(out_dtype)
   if len(ins) != 1:
     raise KernelError(f"model.peer.kernel: {impl} has no GLU variant")

@@ -18,14 +18,10 @@ Three kernels, all Pallas; only the index bookkeeping between them is plain XLA:
   dx[t] = Σ_m a[t,m] u[i], dw[t,m] = (dy[t]·v[i]) h[t,m], and the two per-pair scalars the
   table gradients need: a[t,m] = σ'(pre) w (dy·v[i]) (du[i] += a x[t]) and
   b[t,m] = w h (dv[i] += b dy[t]).
-* `_bwd_rows_kernel` (expert-major, grid over blocks of `block_rows` table rows): the
-  (token, slot) pairs are sorted by expert id outside the kernel (`jnp.argsort`, XLA), and
-  `jnp.searchsorted` gives each row block its segment [off[j], off[j+1]) of sorted pairs
-  (scalar-prefetched). The kernel walks its segment in chunks of `chunk_pairs` (metadata
-  DMA'd into SMEM, x / dy rows DMA'd into VMEM, next chunk in flight while the current is
-  summed), adds a·x[tok] into du and b·dy[tok] into dv in an f32 VMEM tile, and writes the
-  (block_rows, D) tiles of du and dv once, untouched rows as zeros. No atomics, no
-  scatter: every table-gradient row is written exactly once.
+* `_bwd_rows_kernel` (expert-major, in pallas_table_grads.py, grid over blocks of
+  `block_rows` table rows): the (token, slot) pairs sorted by expert id, each row block's
+  segment of them summed into du (a·x[tok]) and dv (b·dy[tok]) in an f32 VMEM tile, each
+  (block_rows, D) tile written once. No atomics, no scatter.
 
 Backend: TPU (Mosaic): SMEM, DMA semaphores and `make_async_copy` are TPU-only. On CPU the
 kernels run in Pallas interpret mode (`interpret=None` picks it there); that is how the
@@ -44,16 +40,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from peer_jax.ops.experts import check_expert_args
+from peer_jax.ops.chunking import check_expert_args
+from peer_jax.ops.chunking import round_up as _round_up
+# The expert-major row backward (table gradients) is its own module; names kept here.
+from peer_jax.ops.pallas_table_grads import (DEFAULT_BLOCK_ROWS,  # noqa: F401
+                                             DEFAULT_CHUNK_PAIRS, table_grads)
 
 DEFAULT_BLOCK_TOKENS = 64   # tokens per forward / token-backward grid step
-DEFAULT_BLOCK_ROWS = 256    # table rows per row-backward grid step
 DEFAULT_RING = 4            # tokens whose rows are in flight (forward, token backward)
-DEFAULT_CHUNK_PAIRS = 128   # sorted pairs per metadata / row-DMA chunk (row backward)
-
-
-def _round_up(n, m):
-  return -(-n // m) * m
 
 
 def _pad_rows(a, rows):
@@ -260,133 +254,6 @@ def _token_call(kernel, activation, x_TD, idx_TM, w_TM, extra_TD, u_ND, v_ND, ou
   )(idx_TM.reshape(-1), idx_TM, x_TD, w_TM, *extra_TD, u_ND, v_ND)
 
 
-# ------------------------------------------------------------------ expert-major rows
-
-
-def _bwd_rows_kernel(block_rows, chunk,
-                     off_ref, sid_hbm, stok_hbm, sa_hbm, sb_hbm, x_hbm, dy_hbm,
-                     du_ref, dv_ref, du_acc, dv_acc, meta_i, meta_f, x_buf, dy_buf, sems):
-  """One block of table rows: sum a·x[tok] and b·dy[tok] over its sorted pairs.
-
-  Chunks start at multiples of `chunk` in the sorted arrays (aligned 1D DMAs); pairs of a
-  chunk outside [lo, hi) are skipped. Chunk c+1's metadata and rows are fetched while
-  chunk c is summed.
-  """
-  j = pl.program_id(0)
-  lo, hi = off_ref[j], off_ref[j + 1]
-  first = lo // chunk
-  num_chunks = jnp.where(hi > lo, (hi + chunk - 1) // chunk - first, 0)
-  base = j * block_rows
-  du_acc[...] = jnp.zeros_like(du_acc)
-  dv_acc[...] = jnp.zeros_like(dv_acc)
-
-  def meta_copies(c, slot):
-    s = pl.ds(pl.multiple_of((first + c) * chunk, chunk), chunk)
-    return [pltpu.make_async_copy(sid_hbm.at[s], meta_i.at[slot, 0], sems.at[0, slot]),
-            pltpu.make_async_copy(stok_hbm.at[s], meta_i.at[slot, 1], sems.at[0, slot]),
-            pltpu.make_async_copy(sa_hbm.at[s], meta_f.at[slot, 0], sems.at[0, slot]),
-            pltpu.make_async_copy(sb_hbm.at[s], meta_f.at[slot, 1], sems.at[0, slot])]
-
-  def row_copies(slot, p, tok):
-    return [pltpu.make_async_copy(x_hbm.at[pl.ds(tok, 1)], x_buf.at[slot, p], sems.at[1, slot]),
-            pltpu.make_async_copy(dy_hbm.at[pl.ds(tok, 1)], dy_buf.at[slot, p], sems.at[1, slot])]
-
-  def bounds(c):
-    """Pairs [p0, p1) of chunk c that belong to this block."""
-    c0 = (first + c) * chunk
-    return jnp.maximum(lo - c0, 0), jnp.minimum(hi - c0, chunk)
-
-  def fetch(c):
-    """Metadata of chunk c into SMEM (waited), then its x / dy row DMAs started."""
-    slot = c % 2
-    copies = meta_copies(c, slot)
-    for cp in copies:
-      cp.start()
-    for cp in copies:
-      cp.wait()
-
-    def one(p, carry):
-      for cp in row_copies(slot, p, meta_i[slot, 1, p]):
-        cp.start()
-      return carry
-
-    lax.fori_loop(*bounds(c), one, 0)
-
-  @pl.when(num_chunks > 0)
-  def _():
-    fetch(0)
-
-  def step(c, carry):
-    @pl.when(c + 1 < num_chunks)
-    def _():
-      fetch(c + 1)
-
-    slot = c % 2
-
-    def one(p, carry):
-      for cp in row_copies(slot, p, 0):
-        cp.wait()
-      r = meta_i[slot, 0, p] - base
-      du_acc[r] = du_acc[r] + meta_f[slot, 0, p] * x_buf[slot, p]
-      dv_acc[r] = dv_acc[r] + meta_f[slot, 1, p] * dy_buf[slot, p]
-      return carry
-
-    lax.fori_loop(*bounds(c), one, 0)
-    return carry
-
-  lax.fori_loop(0, num_chunks, step, 0)
-  d = du_ref.shape[1]
-  du_ref[...] = du_acc[...].reshape(block_rows, d).astype(du_ref.dtype)
-  dv_ref[...] = dv_acc[...].reshape(block_rows, d).astype(dv_ref.dtype)
-
-
-def _table_grads(idx_TM, a_TM, b_TM, x_TD, dy_TD, n, du_dtype, dv_dtype,
-                 block_rows, chunk, interpret):
-  """du, dv (N, D): sorted segment sums of a·x[tok] and b·dy[tok] per expert id.
-
-  x_TD, dy_TD must be f32 (rows are DMA'd one by one from HBM).
-  """
-  t, m = idx_TM.shape
-  d = x_TD.shape[1]
-  br = min(block_rows, _round_up(n, 8))
-  n_pad = _round_up(n, br)
-  # Sort the (token, slot) pairs by expert id (XLA); one segment per block of rows.
-  ids = idx_TM.reshape(-1)
-  order = jnp.argsort(ids, stable=True).astype(jnp.int32)
-  sid = ids[order]
-  pairs = t * m
-  pad = lambda a: jnp.pad(a, (0, _round_up(pairs, chunk) + chunk - pairs))  # chunk DMAs in bounds
-  bounds = jnp.arange(0, n_pad + 1, br, dtype=jnp.int32)
-  off = jnp.searchsorted(sid, bounds, side="left").astype(jnp.int32)
-
-  row = pl.BlockSpec((br, d), lambda j, off: (j, 0))
-  anyspec = pl.BlockSpec(memory_space=pl.ANY)
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(n_pad // br,),
-      in_specs=[anyspec] * 6, out_specs=[row, row],
-      scratch_shapes=[pltpu.VMEM((br, 1, d), jnp.float32), pltpu.VMEM((br, 1, d), jnp.float32),
-                      pltpu.SMEM((2, 2, chunk), jnp.int32), pltpu.SMEM((2, 2, chunk), jnp.float32),
-                      pltpu.VMEM((2, chunk, 1, d), jnp.float32),
-                      pltpu.VMEM((2, chunk, 1, d), jnp.float32),
-                      pltpu.SemaphoreType.DMA((2, 2))])
-  cost = pl.CostEstimate(
-      flops=int(4 * pairs * d), transcendentals=0,
-      bytes_accessed=int(pairs * d * 8 + n_pad * d * (jnp.dtype(du_dtype).itemsize
-                                                      + jnp.dtype(dv_dtype).itemsize)))
-  du, dv = pl.pallas_call(
-      functools.partial(_bwd_rows_kernel, br, chunk),
-      grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((n_pad, d), du_dtype),
-                 jax.ShapeDtypeStruct((n_pad, d), dv_dtype)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      cost_estimate=cost, interpret=interpret,
-  )(off, pad(sid), pad(order // m), pad(a_TM.reshape(-1)[order]), pad(b_TM.reshape(-1)[order]),
-    x_TD, dy_TD)
-  if n_pad != n:
-    du, dv = du[:n], dv[:n]
-  return du, dv
-
-
 # ------------------------------------------------------------------------ custom VJP
 # opts = (activation, block_tokens, block_rows, ring, chunk_pairs, interpret), all static.
 
@@ -425,8 +292,8 @@ def _bwd(opts, res, dy_TD):
   dx, dw, a, b = _token_call(
       _bwd_tokens_kernel, activation, x32, _pad_rows(idx_TM, t_pad), _f32_padded(w_TM, t_pad),
       (dy32,), u_ND, v_ND, outs, bt, ring, interpret)
-  du, dv = _table_grads(idx_TM, a[:t], b[:t], x32, dy32, u_ND.shape[0], u_ND.dtype,
-                        v_ND.dtype, br, chunk, interpret)
+  du, dv = table_grads(idx_TM, a[:t], x32, b[:t], dy32, u_ND.shape[0], u_ND.dtype,
+                       v_ND.dtype, interpret=interpret, block_rows=br, chunk_pairs=chunk)
   return dx[:t].astype(x_TD.dtype), None, dw[:t].astype(w_TM.dtype), du, dv
 
 
@@ -466,16 +333,3 @@ def peer_experts_pallas(x, indices, weights, u, v, activation=jax.nn.gelu, *, in
   idx_TM = indices.reshape(t, m).astype(jnp.int32)
   w_TM = weights.reshape(t, m)
   return _peer_pallas(opts, x, idx_TM, w_TM, u, v)
-
-
-def table_grads(idx_TM, a_TM, x_TD, b_TM, dy_TD, n, du_dtype, dv_dtype, *, interpret=False,
-                block_rows=DEFAULT_BLOCK_ROWS, chunk_pairs=DEFAULT_CHUNK_PAIRS):
-  """du, dv (N, D): Σ a·x[tok] and Σ b·dy[tok] per expert id, the row-backward kernel alone.
-
-  For the sharded bank (ops/sharded_experts.py): the token-major TPU kernels fuse the pair
-  dots with the weighted sum, so they cannot host the bank's psum in between; the bank
-  uses XLA gathers there and this kernel for the table gradients. Not differentiable.
-  """
-  return _table_grads(idx_TM, a_TM.astype(jnp.float32), b_TM.astype(jnp.float32),
-                      x_TD.astype(jnp.float32), dy_TD.astype(jnp.float32), n, du_dtype,
-                      dv_dtype, block_rows, chunk_pairs, bool(interpret))

@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from peer_jax.ops.experts import check_expert_args
+from peer_jax.ops.chunking import check_expert_args
 
 # Untuned first guesses (no GPU was available when this was written): small register
 # tiles, (32..16, 128) f32, and many programs in flight to hide the gather latency.

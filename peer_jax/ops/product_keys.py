@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from peer_jax.ops import fast_topk
+from peer_jax.ops.chunking import map_chunks
 
 
 def _half_scores(q, c):
@@ -136,19 +137,12 @@ def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None)
   num_rows = math.prod(lead)
   if chunk_size is None or num_rows <= chunk_size:
     return _topk_block(q1, q2, c1, c2, k, n, top_k)
-  chunk_size = int(chunk_size)
-  pad = -num_rows % chunk_size
-
-  def to_chunks(q):
-    q = q.reshape(num_rows, *q.shape[-kept:])
-    q = jnp.pad(q, [(0, pad)] + [(0, 0)] * kept)  # zero rows: sliced away, no gradient
-    return q.reshape(-1, chunk_size, *q.shape[1:])
-
-  scores, idx = lax.map(lambda qs: _topk_block(qs[0], qs[1], c1, c2, k, n, top_k),
-                        (to_chunks(q1), to_chunks(q2)))
-  out_shape = lead + scores.shape[2:]
-  unchunk = lambda a: a.reshape(-1, *a.shape[2:])[:num_rows].reshape(out_shape)
-  return unchunk(scores), unchunk(idx)
+  rows = lambda q: q.reshape(num_rows, *q.shape[-kept:])
+  # Padded zero rows of the last chunk are sliced away (no gradient).
+  scores, idx = map_chunks(lambda qs: _topk_block(qs[0], qs[1], c1, c2, k, n, top_k),
+                           (rows(q1), rows(q2)), int(chunk_size))
+  out_shape = lead + scores.shape[1:]
+  return scores.reshape(out_shape), idx.reshape(out_shape)
 
 
 def product_key_topk_reference(q1, q2, c1, c2, k):

@@ -36,7 +36,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from peer_jax.ops.experts import DEFAULT_CHUNK_SIZE, _acc_dtype, _from_chunks, _hidden, _to_chunks
+from peer_jax.ops.chunking import (acc_dtype, check_routing, clamp_chunk, flat_routing,
+                                   from_chunks, hidden, map_chunks, to_chunks)
+from peer_jax.ops.experts import DEFAULT_CHUNK_SIZE
 
 
 def _psum(x, axes):
@@ -52,8 +54,7 @@ def _pre_partial(x_TD, idx_TM, ins, chunk_size, acc):
     return tuple(jnp.einsum("cd,cmd->cm", x_CD, jnp.take(t, idx_CM, axis=0).astype(acc),
                             preferred_element_type=acc) for t in ins)
 
-  out = lax.map(body, (_to_chunks(x_TD, chunk_size), _to_chunks(idx_TM, chunk_size)))
-  return tuple(_from_chunks(o, x_TD.shape[0]) for o in out)
+  return map_chunks(body, (x_TD, idx_TM), chunk_size)
 
 
 def _weighted_rows(coef_TM, idx_TM, table_ND, chunk_size, acc):
@@ -64,8 +65,7 @@ def _weighted_rows(coef_TM, idx_TM, table_ND, chunk_size, acc):
     rows = jnp.take(table_ND, idx_CM, axis=0).astype(acc)
     return jnp.einsum("cm,cmd->cd", coef_CM, rows, preferred_element_type=acc)
 
-  out = lax.map(body, (_to_chunks(coef_TM, chunk_size), _to_chunks(idx_TM, chunk_size)))
-  return _from_chunks(out, coef_TM.shape[0])
+  return map_chunks(body, (coef_TM, idx_TM), chunk_size)
 
 
 def _row_dots(dy_TD, idx_TM, table_ND, chunk_size, acc):
@@ -76,8 +76,7 @@ def _row_dots(dy_TD, idx_TM, table_ND, chunk_size, acc):
     rows = jnp.take(table_ND, idx_CM, axis=0).astype(acc)
     return jnp.einsum("cd,cmd->cm", dy_CD.astype(acc), rows, preferred_element_type=acc)
 
-  out = lax.map(body, (_to_chunks(dy_TD, chunk_size), _to_chunks(idx_TM, chunk_size)))
-  return _from_chunks(out, dy_TD.shape[0])
+  return map_chunks(body, (dy_TD, idx_TM), chunk_size)
 
 
 class _Prims:
@@ -121,74 +120,24 @@ class _Prims:
                             interpret=self.interpret))
 
 
-def _build(activation: Callable, chunk_size: int, mesh: Mesh, token_axes: tuple[str, ...],
-           model_axes: tuple[str, ...], num_ins: int, impl: str = "xla",
-           interpret: bool = False):
-  """The custom-VJP function for one static setting (mesh, axes, activation, chunking,
-  implementation of the per-shard gathers / sums: see `sharded_peer_experts`)."""
-  if impl == "pallas_tpu" and not model_axes:
-    # D is not split: each shard runs the whole fused Mosaic kernel on its tokens.
-    return _build_local(activation, mesh, token_axes, impl, interpret)
-  if impl != "xla":
-    return _build_prims(activation, chunk_size, mesh, token_axes, model_axes, num_ins,
-                        _Prims(impl, interpret))
+def _bank(fwd_body, bwd_body, mesh, token_axes, model_axes, num_ins):
+  """The custom-VJP bank around per-shard bodies (the XLA and the `_Prims` builds alike).
+
+  fwd_body(x_TD, idx_TM, w_TM, *tables) -> (y_TD, *pre_TM) and
+  bwd_body(x_TD, idx_TM, w_TM, dy_TD, *pre_TM, *tables) -> (dx_TD, dw_TM, *dtables) run
+  under `shard_map`: tokens over `token_axes`, D over `model_axes`, the (T, M) arrays
+  replicated over the model axes, every table all rows of a D-slice. The VJP sits outside
+  the shard_map, so no AD runs through the collectives; residuals are the inputs and the
+  (T, M) pre-activations.
+  """
   tok = token_axes or None
   mod = model_axes or None
   x_spec = P(tok, mod)       # (T, D): tokens over token axes, features over model axes
   tm_spec = P(tok, None)     # (T, M): replicated over model axes
   table_spec = P(None, mod)  # (N, D): all rows, a D-slice
   smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-
-  def fwd_body(x_TD, idx_TM, w_TM, *tables):
-    ins, v_ND = tables[:-1], tables[-1]
-    acc = _acc_dtype(x_TD, w_TM, v_ND, *ins)
-    cs = max(1, min(chunk_size, x_TD.shape[0]))
-    # The one all-reduce of the forward: tokens·M partial dot products per input table.
-    pre = _psum(_pre_partial(x_TD, idx_TM, ins, cs, acc), model_axes)
-    coef_TM = w_TM.astype(acc) * _hidden(activation, pre)
-    y_TD = _weighted_rows(coef_TM, idx_TM, v_ND, cs, acc)
-    out_dtype = jnp.result_type(x_TD, w_TM, v_ND, *ins)
-    return (y_TD.astype(out_dtype),) + tuple(pre)
-
   fwd_map = smap(fwd_body, in_specs=(x_spec, tm_spec, tm_spec) + (table_spec,) * (num_ins + 1),
                  out_specs=(x_spec,) + (tm_spec,) * num_ins)
-
-  def bwd_body(x_TD, idx_TM, w_TM, dy_TD, *rest):
-    pre = rest[:num_ins]
-    tables = rest[num_ins:]
-    ins, v_ND = tables[:-1], tables[-1]
-    acc = _acc_dtype(x_TD, w_TM, v_ND, *ins)
-    cs = max(1, min(chunk_size, x_TD.shape[0]))
-    w32 = w_TM.astype(acc)
-    h_TM, h_vjp = jax.vjp(lambda *p: _hidden(activation, p), *pre)
-    # The one all-reduce of the backward: dy · v[i], tokens·M scalars.
-    dcoef_TM = _psum(_row_dots(dy_TD, idx_TM, v_ND, cs, acc), model_axes)
-    dw_TM = dcoef_TM * h_TM
-    dpre = h_vjp(dcoef_TM * w32)
-    coef_TM = w32 * h_TM
-
-    def chunk(carry, c):
-      dins, dv = carry
-      x_CD, idx_CM, dy_CD, coef_CM, *dpre_C = c
-      x_CD, dy_CD = x_CD.astype(acc), dy_CD.astype(acc)
-      dx_CD = sum(jnp.einsum("cm,cmd->cd", dp, jnp.take(t, idx_CM, axis=0).astype(acc),
-                             preferred_element_type=acc) for dp, t in zip(dpre_C, ins))
-      flat = idx_CM.reshape(-1)
-      d = x_CD.shape[-1]
-      dins = tuple(dt.at[flat].add((dp[:, :, None] * x_CD[:, None, :]).reshape(-1, d))
-                   for dt, dp in zip(dins, dpre_C))
-      dv = dv.at[flat].add((coef_CM[:, :, None] * dy_CD[:, None, :]).reshape(-1, d))
-      return (dins, dv), dx_CD
-
-    init = (tuple(jnp.zeros(t.shape, acc) for t in ins), jnp.zeros(v_ND.shape, acc))
-    chunks = tuple(_to_chunks(a, cs) for a in (x_TD, idx_TM, dy_TD, coef_TM, *dpre))
-    (dins, dv_ND), dx = lax.scan(chunk, init, chunks)
-    dx_TD = _from_chunks(dx, x_TD.shape[0]).astype(x_TD.dtype)
-    # Data-parallel sum of the table gradients: slices (N, D/t), summed over token axes.
-    dins = tuple(_psum(d, token_axes).astype(t.dtype) for d, t in zip(dins, ins))
-    dv_ND = _psum(dv_ND, token_axes).astype(v_ND.dtype)
-    return (dx_TD, dw_TM.astype(w_TM.dtype)) + dins + (dv_ND,)
-
   bwd_map = smap(bwd_body,
                  in_specs=(x_spec, tm_spec, tm_spec, x_spec) + (tm_spec,) * num_ins
                  + (table_spec,) * (num_ins + 1),
@@ -210,6 +159,67 @@ def _build(activation: Callable, chunk_size: int, mesh: Mesh, token_axes: tuple[
 
   bank.defvjp(bank_fwd, bank_bwd)
   return bank
+
+
+def _build(activation: Callable, chunk_size: int, mesh: Mesh, token_axes: tuple[str, ...],
+           model_axes: tuple[str, ...], num_ins: int, impl: str = "xla",
+           interpret: bool = False):
+  """The custom-VJP function for one static setting (mesh, axes, activation, chunking,
+  implementation of the per-shard gathers / sums: see `sharded_peer_experts`)."""
+  if impl == "pallas_tpu" and not model_axes:
+    # D is not split: each shard runs the whole fused Mosaic kernel on its tokens.
+    return _build_local(activation, mesh, token_axes, impl, interpret)
+  if impl != "xla":
+    return _build_prims(activation, chunk_size, mesh, token_axes, model_axes, num_ins,
+                        _Prims(impl, interpret))
+  def fwd_body(x_TD, idx_TM, w_TM, *tables):
+    ins, v_ND = tables[:-1], tables[-1]
+    acc = acc_dtype(x_TD, w_TM, v_ND, *ins)
+    cs = clamp_chunk(chunk_size, x_TD.shape[0])
+    # The one all-reduce of the forward: tokens·M partial dot products per input table.
+    pre = _psum(_pre_partial(x_TD, idx_TM, ins, cs, acc), model_axes)
+    coef_TM = w_TM.astype(acc) * hidden(activation, pre)
+    y_TD = _weighted_rows(coef_TM, idx_TM, v_ND, cs, acc)
+    out_dtype = jnp.result_type(x_TD, w_TM, v_ND, *ins)
+    return (y_TD.astype(out_dtype),) + tuple(pre)
+
+  def bwd_body(x_TD, idx_TM, w_TM, dy_TD, *rest):
+    pre = rest[:num_ins]
+    tables = rest[num_ins:]
+    ins, v_ND = tables[:-1], tables[-1]
+    acc = acc_dtype(x_TD, w_TM, v_ND, *ins)
+    cs = clamp_chunk(chunk_size, x_TD.shape[0])
+    w32 = w_TM.astype(acc)
+    h_TM, h_vjp = jax.vjp(lambda *p: hidden(activation, p), *pre)
+    # The one all-reduce of the backward: dy · v[i], tokens·M scalars.
+    dcoef_TM = _psum(_row_dots(dy_TD, idx_TM, v_ND, cs, acc), model_axes)
+    dw_TM = dcoef_TM * h_TM
+    dpre = h_vjp(dcoef_TM * w32)
+    coef_TM = w32 * h_TM
+
+    def chunk(carry, c):
+      dins, dv = carry
+      x_CD, idx_CM, dy_CD, coef_CM, *dpre_C = c
+      x_CD, dy_CD = x_CD.astype(acc), dy_CD.astype(acc)
+      dx_CD = sum(jnp.einsum("cm,cmd->cd", dp, jnp.take(t, idx_CM, axis=0).astype(acc),
+                             preferred_element_type=acc) for dp, t in zip(dpre_C, ins))
+      flat = idx_CM.reshape(-1)
+      d = x_CD.shape[-1]
+      dins = tuple(dt.at[flat].add((dp[:, :, None] * x_CD[:, None, :]).reshape(-1, d))
+                   for dt, dp in zip(dins, dpre_C))
+      dv = dv.at[flat].add((coef_CM[:, :, None] * dy_CD[:, None, :]).reshape(-1, d))
+      return (dins, dv), dx_CD
+
+    init = (tuple(jnp.zeros(t.shape, acc) for t in ins), jnp.zeros(v_ND.shape, acc))
+    chunks = tuple(to_chunks(a, cs) for a in (x_TD, idx_TM, dy_TD, coef_TM, *dpre))
+    (dins, dv_ND), dx = lax.scan(chunk, init, chunks)
+    dx_TD = from_chunks(dx, x_TD.shape[0]).astype(x_TD.dtype)
+    # Data-parallel sum of the table gradients: slices (N, D/t), summed over token axes.
+    dins = tuple(_psum(d, token_axes).astype(t.dtype) for d, t in zip(dins, ins))
+    dv_ND = _psum(dv_ND, token_axes).astype(v_ND.dtype)
+    return (dx_TD, dw_TM.astype(w_TM.dtype)) + dins + (dv_ND,)
+
+  return _bank(fwd_body, bwd_body, mesh, token_axes, model_axes, num_ins)
 
 
 def _build_local(activation, mesh, token_axes, impl, interpret):
@@ -258,28 +268,20 @@ def _build_prims(activation, chunk_size, mesh, token_axes, model_axes, num_ins, 
   Same communication: one psum of tokens·M scalars per input table forward, one backward,
   and the data-parallel psum of the table-gradient slices.
   """
-  tok = token_axes or None
-  mod = model_axes or None
-  x_spec, tm_spec, table_spec = P(tok, mod), P(tok, None), P(None, mod)
-  smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-
   def fwd_body(x_TD, idx_TM, w_TM, *tables):
     ins, v_ND = tables[:-1], tables[-1]
-    cs = max(1, min(chunk_size, x_TD.shape[0]))
+    cs = clamp_chunk(chunk_size, x_TD.shape[0])
     pre = tuple(_psum(prims.dots(t, idx_TM, x_TD, cs), model_axes) for t in ins)
-    coef_TM = w_TM.astype(jnp.float32) * _hidden(activation, pre)
+    coef_TM = w_TM.astype(jnp.float32) * hidden(activation, pre)
     y_TD = prims.rows(v_ND, idx_TM, coef_TM, cs)
     return (y_TD.astype(jnp.result_type(x_TD, w_TM, v_ND, *ins)),) + pre
-
-  fwd_map = smap(fwd_body, in_specs=(x_spec, tm_spec, tm_spec) + (table_spec,) * (num_ins + 1),
-                 out_specs=(x_spec,) + (tm_spec,) * num_ins)
 
   def bwd_body(x_TD, idx_TM, w_TM, dy_TD, *rest):
     pre, tables = rest[:num_ins], rest[num_ins:]
     ins, v_ND = tables[:-1], tables[-1]
-    cs = max(1, min(chunk_size, x_TD.shape[0]))
+    cs = clamp_chunk(chunk_size, x_TD.shape[0])
     w32 = w_TM.astype(jnp.float32)
-    h_TM, h_vjp = jax.vjp(lambda *p: _hidden(activation, p), *pre)
+    h_TM, h_vjp = jax.vjp(lambda *p: hidden(activation, p), *pre)
     dcoef_TM = _psum(prims.dots(v_ND, idx_TM, dy_TD, cs), model_axes)
     dw_TM = dcoef_TM * h_TM
     dpre = h_vjp(dcoef_TM * w32)
@@ -290,27 +292,7 @@ def _build_prims(activation, chunk_size, mesh, token_axes, model_axes, num_ins, 
                     for d, t in zip(grads, tables))
     return (dx_TD.astype(x_TD.dtype), dw_TM.astype(w_TM.dtype)) + dtables
 
-  bwd_map = smap(bwd_body,
-                 in_specs=(x_spec, tm_spec, tm_spec, x_spec) + (tm_spec,) * num_ins
-                 + (table_spec,) * (num_ins + 1),
-                 out_specs=(x_spec, tm_spec) + (table_spec,) * (num_ins + 1))
-
-  @jax.custom_vjp
-  def bank(x_TD, idx_TM, w_TM, *tables):
-    return fwd_map(x_TD, idx_TM, w_TM, *tables)[0]
-
-  def bank_fwd(x_TD, idx_TM, w_TM, *tables):
-    y_TD, *pre = fwd_map(x_TD, idx_TM, w_TM, *tables)
-    return y_TD, (x_TD, idx_TM, w_TM, tuple(pre), tables)
-
-  def bank_bwd(res, dy_TD):
-    x_TD, idx_TM, w_TM, pre, tables = res
-    dx_TD, dw_TM, *dtables = bwd_map(x_TD, idx_TM, w_TM, dy_TD.astype(x_TD.dtype), *pre,
-                                     *tables)
-    return (dx_TD, None, dw_TM, *dtables)
-
-  bank.defvjp(bank_fwd, bank_bwd)
-  return bank
+  return _bank(fwd_body, bwd_body, mesh, token_axes, model_axes, num_ins)
 
 
 @functools.lru_cache(maxsize=64)
@@ -352,9 +334,7 @@ def sharded_peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *, m
   model_axes = tuple(model_axes)
   token_axes = tuple(a for a in token_axes if a not in model_axes)
   num_tokens, d = x.shape
-  if indices.shape != weights.shape or indices.shape[0] != num_tokens:
-    raise ValueError(f"indices {indices.shape} / weights {weights.shape} must be (T, H, K), "
-                     f"T = {num_tokens}")
+  check_routing(num_tokens, indices, weights)
   t_size, m_size = _axes_size(mesh, token_axes), _axes_size(mesh, model_axes)
   if d % m_size:
     raise ValueError(f"sharded expert bank: d_model {d} is not divisible by the model axes "
@@ -362,8 +342,7 @@ def sharded_peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *, m
   if num_tokens % t_size:
     raise ValueError(f"sharded expert bank: {num_tokens} tokens are not divisible by the "
                      f"token axes {token_axes} (size {t_size})")
-  idx_TM = indices.reshape(num_tokens, -1).astype(jnp.int32)
-  w_TM = weights.reshape(num_tokens, -1)
+  idx_TM, w_TM = flat_routing(indices, weights)
   ins = (u,) if g is None else (u, g)
   if impl.startswith("pallas") and g is not None:
     raise ValueError(f"sharded expert bank: {impl} has no GLU variant")
