@@ -64,6 +64,14 @@ def get_config() -> ml_collections.ConfigDict:
   k.value_init = "match_dense"
   k.kernel = "auto"  # auto | xla | pallas | cpu_ffi: the embedding bag's (docs/peer_layer.md)
 
+  # Kinds that declare their own defaults (peer_jax/kinds: Memory+) get their section here,
+  # so every config knows their keys (command-line and sweep overrides need a key to set)
+  # without an edit to this file per kind.
+  from peer_jax import kinds
+  for kind in kinds.all_kinds():
+    if kind.defaults is not None and kind.section not in m:
+      m[kind.section] = ml_collections.ConfigDict(kind.defaults())
+
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000
   t.batch_size = 16

@@ -7,10 +7,11 @@ five sizes per (budget, architecture) from an eight-size ladder (d_model 16..96;
 moves up with the budget, since the optimum moves to larger models), trained on WikiText-2
 train with a 4096-piece SentencePiece model the sweep trains itself (cached in
 WORKDIR/tokenizer), evaluated on WikiText-2 valid and the bundled C4 sample. Phases, all in one command:
-  1. LR sweep: 3e-3, 6e-3, 1.2e-2 at the middle budget and size (d48 × 2), per architecture;
+  1. LR sweep: 3e-3 ... 4.8e-2 (factors of 2) at the middle budget and size (d48 × 2), per
+     architecture (the first three alone left every architecture's best at 1.2e-2, the top);
   2. the main grid, 60 runs at each architecture's chosen LR (4 are LR-sweep runs);
   3. a curve whose minimum is at an end of its window adds the next size of the ladder
-     on that side (at most one per curve; none beyond the ladder's ends);
+     on that side (up to three per curve; none beyond the ladder's ends);
   4. a second seed for the 3 sizes nearest each curve's minimum on WikiText-2 valid.
 Every finished run writes a small summary to docs/results/isoflop_cpu/runs/ (commit them);
 `--collect_only` regenerates the table and plot from those alone.
@@ -41,7 +42,7 @@ def get_config():
   c.sizes = s = ml_collections.ConfigDict()
   s.pairs = ((16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (64, 2), (64, 3), (96, 3))  # small first
   s.windows = ((0, 5), (2, 7), (3, 8))  # sizes of each budget: a slice of pairs
-  s.extend = 1  # a curve not bracketed adds the next ladder size beyond its best end
+  s.extend = 3  # a curve not bracketed adds the next ladder size beyond its best end
   s.head_dim = 16
   s.d_ff_ratio = 4
   c.arch_overrides = {"dense": {}, "moe": {}, "pkm": {}, "peer": {}}  # configs/default.py's
@@ -58,7 +59,7 @@ def get_config():
   c.lr_sweep = lr = ml_collections.ConfigDict()
   lr.budget = 1.6e11
   lr.size = (48, 2)
-  lr.grid = (3e-3, 6e-3, 1.2e-2)
+  lr.grid = (3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2)
   # Pin the LR sweep's choice here once it has run ({"dense": 6e-3, ...}); empty: use the
   # grid's best of the LR-sweep summaries in results_dir (the sweep prints its choice).
   lr.chosen = {}

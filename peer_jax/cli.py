@@ -28,7 +28,7 @@ def run_or_explain(fn, usage_errors: tuple[type[Exception], ...] = ()) -> int:
   from peer_jax.checkpoint import CheckpointError
   from peer_jax.data import DataError
   from peer_jax.metrics import MetricsWriteError
-  from peer_jax.train import TrainingDiverged
+  from peer_jax.loop import TrainingDiverged
   from peer_jax.workdir_lock import WorkdirError
   try:
     fn()

@@ -38,7 +38,7 @@ class MetricWriter:
     record = {"step": int(step), **{k: _json_number(v) for k, v in scalars.items()}}
     try:
       # One write of the whole line: a kill or a full disk can tear only the last line,
-      # which the next resume cuts off (train._truncate_metrics).
+      # which the next resume cuts off (resume.truncate_metrics).
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
       for key, value in scalars.items():

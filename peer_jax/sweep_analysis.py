@@ -206,8 +206,8 @@ def ratios(curves: list[dict]) -> list[dict]:
   for (budget, arch, eval_set), c in sorted(by.items(), key=lambda kv: (kv[0][0],
                                                                         ARCHS.index(kv[0][1]),
                                                                         kv[0][2])):
-    d = by.get((budget, "dense", eval_set))
-    if arch == "dense" or d is None:
+    d = by.get((budget, kinds.DENSE, eval_set))  # the baseline every ratio is taken to
+    if arch == kinds.DENSE or d is None:
       continue
     rec = {"budget": budget, "arch": arch, "eval_set": eval_set, "moe_routing": c["moe_routing"]}
     if c["compute_optimal"] and d["compute_optimal"]:

@@ -136,7 +136,12 @@ def resolve_bag_kernel(kernel: str, *, num_devices: int, table_dtype, platform=N
       raise kernels.KernelError(f"{key}: cpu_ffi: the CPU FFI kernels are unavailable")
     return "cpu_ffi", "requested"
   if platform == "cpu" and num_devices == 1 and f32:
-    return "cpu_ffi", "one CPU device"
+    from peer_jax.ops import cpu_kernels
+    # available() also registers the FFI targets: without it a first PKM trace in a fresh
+    # process would name a handler XLA does not know.
+    if cpu_kernels.available():
+      return "cpu_ffi", "one CPU device"
+    return "xla", "the CPU FFI kernels are unavailable"
   if platform == "cpu":
     return "xla", "a CPU mesh" if num_devices > 1 else "non-f32 table"
   return "xla", "there is no Pallas embedding-bag kernel yet"
