@@ -330,8 +330,20 @@ def table_markdown(analysis: dict, lr_table: list[dict] | None = None) -> str:
         cells.append("" if loss is None else f"{loss:.3f}{mark}")
       md.append(f"| {arch_label(row['arch'], row.get('moe_routing', ''))} | "
                 + " | ".join(cells) + " |")
+    edges = [arch_label(r["arch"], r.get("moe_routing", "")) for r in lr_table
+             if lr_edge(r)]
+    if edges:
+      md += ["", "**LR not bracketed** (best at an end of the grid, so a better LR may lie "
+             "beyond it; widen lr_sweep.grid): " + ", ".join(edges) + "."]
     md.append("")
   return "\n".join(md)
+
+
+def lr_edge(row: dict) -> bool:
+  """The LR sweep's measured best is the smallest or largest LR of its grid."""
+  best, grid = row.get("measured_best"), list(row.get("grid") or ())
+  return (best is not None and len(grid) > 1
+          and (math.isclose(best, min(grid)) or math.isclose(best, max(grid))))
 
 
 CSV_FIELDS = ["budget", "arch", "moe_routing", "eval_set", "status", "compute_optimal",

@@ -163,6 +163,11 @@ def launch_local(sweep_cfg, planner, workdir, results_dir) -> int:
     if state.lr_source.get(arch) == "lr_sweep":
       say(f"lr_sweep: {arch} chose lr {lr:g}; pin it as lr_sweep.chosen['{arch}'] in the "
           "sweep config")
+  from peer_jax import sweep_analysis
+  for row in state.lr_table:
+    if sweep_analysis.lr_edge(row):
+      say(f"warning: lr_sweep: {row['arch']}: the best LR {row['measured_best']:g} is at an "
+          "end of lr_sweep.grid; widen the grid (the table marks it not bracketed)")
   waiting = [r.name for r in state.all_runs() if r.provisional and r.name not in state.done]
   if failed or waiting:
     if failed:

@@ -612,3 +612,24 @@ def test_gpu_config_smoke_end_to_end(tmp_path):
   assert summary["vocab_size"] == 256 and "bpb" in summary["eval"]["wikitext2_valid"]
   out = cli("--config=configs/isoflop_gpu.py", f"--workdir={workdir}", "--smoke")
   assert out.returncode == 0 and "10 finished" in out.stderr, out.stderr[-2000:]
+
+
+def test_lr_table_marks_a_best_lr_at_the_grid_edge():
+  """An LR sweep whose best LR is an end of its grid is flagged, in the table and by lr_edge;
+  one with an interior best is not."""
+  from peer_jax import sweep_analysis
+  grid = [3e-3, 6e-3, 1.2e-2]
+
+  def row(arch, losses):
+    best = grid[int(np.argmin(losses))]
+    return {"arch": arch, "eval_set": "wikitext2_valid", "grid": grid, "chosen": best,
+            "measured_best": best, "losses": {repr(lr): l for lr, l in zip(grid, losses)},
+            "moe_routing": ""}
+
+  edge, inside = row("dense", [5.6, 5.4, 5.2]), row("peer", [5.6, 5.1, 5.3])
+  assert sweep_analysis.lr_edge(edge) and not sweep_analysis.lr_edge(inside)
+  md = sweep_analysis.table_markdown({"curves": [], "ratios": []}, [edge, inside])
+  flagged = [l for l in md.splitlines() if l.startswith("**LR not bracketed**")]
+  assert len(flagged) == 1 and "Dense" in flagged[0] and "PEER" not in flagged[0]
+  assert "LR not bracketed" not in sweep_analysis.table_markdown({"curves": [], "ratios": []},
+                                                                 [inside])
