@@ -60,6 +60,17 @@ def run_status(run_dir: str, steps: int) -> tuple[str, int]:
 _NOT_DIGESTED = ("train.log_every", "train.eval_every", "data.prefetch", "data.num_threads")
 
 
+def _unused_kind_sections(model: dict) -> set[str]:
+  """Config sections of kinds that declare their own defaults (configs/base.py adds them
+  to every config) other than the run's `model.ffw`: they cannot change the run, and
+  leaving them out keeps a new kind from turning every earlier summary into "another
+  plan's"."""
+  from peer_jax import kinds
+  ffw = model.get("ffw")
+  return {k.section for k in kinds.all_kinds()
+          if k.defaults is not None and k.section and k.name != ffw}
+
+
 def plan_digest(run: Run) -> str:
   """A digest of the model, train and data settings the run trains with (the base config's
   included; paths made portable; logging and input-pipeline threading left out): a summary
@@ -67,9 +78,11 @@ def plan_digest(run: Run) -> str:
   result of this one."""
   if run.resolved:
     keys = {"seed": run.resolved["seed"]}
+    unused = _unused_kind_sections(run.resolved["model"])
     for section in ("model", "train", "data"):
       keys.update({f"{section}.{k}": v for k, v in run.resolved[section].items()
-                   if f"{section}.{k}" not in _NOT_DIGESTED})
+                   if f"{section}.{k}" not in _NOT_DIGESTED
+                   and not (section == "model" and k.split(".")[0] in unused)})
   else:
     keys = {k: _portable(v) for k, v in run.overrides.items()
             if k not in _NOT_DIGESTED and not k.startswith("checkpoint.")}

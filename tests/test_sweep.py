@@ -633,3 +633,28 @@ def test_lr_table_marks_a_best_lr_at_the_grid_edge():
   assert len(flagged) == 1 and "Dense" in flagged[0] and "PEER" not in flagged[0]
   assert "LR not bracketed" not in sweep_analysis.table_markdown({"curves": [], "ratios": []},
                                                                  [inside])
+
+
+def test_plan_digest_ignores_default_sections_of_kinds_the_run_does_not_use():
+  """configs/base.py adds the sections of kinds that declare defaults (Memory+) to every
+  config; a dense run's digest must not change with them (earlier summaries stay valid),
+  while a change to the run's own settings does change it."""
+  from peer_jax.sweep_collect import plan_digest
+  from peer_jax.sweep_plan import Run
+  import dataclasses as dc
+  plain = {"seed": 0, "model": {"ffw": "dense", "d_model": 32}, "train": {"steps": 5},
+           "data": {}}
+  with_mp = copy.deepcopy(plain)
+  with_mp["model"].update({"memory_plus.heads": 4, "memory_plus.top_k": 32})
+  fields = {f.name: None for f in dc.fields(Run) if f.default is dc.MISSING
+            and f.default_factory is dc.MISSING}
+  run = lambda resolved: dc.replace(Run(**fields), resolved=resolved)  # noqa: E731
+  assert plan_digest(run(plain)) == plan_digest(run(with_mp))
+  mp_run = copy.deepcopy(with_mp)
+  mp_run["model"]["ffw"] = "memory_plus"
+  changed = copy.deepcopy(mp_run)
+  changed["model"]["memory_plus.heads"] = 8
+  assert plan_digest(run(mp_run)) != plan_digest(run(changed))
+  wider = copy.deepcopy(plain)
+  wider["model"]["d_model"] = 64
+  assert plan_digest(run(plain)) != plan_digest(run(wider))
