@@ -62,7 +62,7 @@ def get_config():
   lr.grid = (3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2)
   # Pin the LR sweep's choice here once it has run ({"dense": 6e-3, ...}); empty: use the
   # grid's best of the LR-sweep summaries in results_dir (the sweep prints its choice).
-  lr.chosen = {}
+  lr.chosen = {"dense": 2.4e-2, "moe": 2.4e-2, "pkm": 2.4e-2, "peer": 2.4e-2}  # measured
   c.seeds = sd = ml_collections.ConfigDict()
   sd.extra = 1    # seed 1 ...
   sd.nearest = 3  # ... for the 3 sizes nearest each fitted minimum (or best run)

@@ -35,6 +35,7 @@ def get_config():
   c.tokenizer.vocab_size = 8192
   lr = c.lr_sweep
   lr.budget, lr.size, lr.grid = 3.2e15, (320, 5), (1e-3, 2e-3, 4e-3)
+  lr.chosen = {}  # the CPU sweep's pinned LRs do not carry over: this sweep measures its own
   c.tolerance = 0.03
   c.min_steps = 100
   c.checkpoint_every = 500
