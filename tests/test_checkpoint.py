@@ -90,6 +90,7 @@ def test_sync_saves_give_the_same_run(tmp_path, reference):
   assert _losses(tmp_path) == _losses(reference)
 
 
+@pytest.mark.slow  # the same path in-process, faster: test_loop's SIGTERM resume test
 def test_sigterm_saves_at_the_step_boundary_and_resumes(tmp_path, reference):
   proc, out, err = _run_until(tmp_path, 6, signal.SIGTERM, "--config.train.steps=40",
                               "--config.checkpoint.every=1000")
