@@ -109,7 +109,9 @@ def _largest_file(root):
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncate", pytest.param("missing_item", marks=pytest.mark.slow)])
+# The default suite checks damage fallbacks in test_reliability and test_run.
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "missing_item"])
 def test_damaged_latest_checkpoint_falls_back(tmp_path, damage):
   _train(tmp_path, "--config.train.steps=12", "--config.checkpoint.every=4")
   before = _losses(tmp_path)
@@ -130,6 +132,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, damage):
   assert all(after[s] == before[s] for s in range(1, 9))  # what came before is untouched
 
 
+@pytest.mark.slow  # test_reliability's frozen / optimizer / data changes cover the refusals
 def test_model_change_on_resume_refuses_and_other_changes_apply(tmp_path):
   _train(tmp_path, "--config.train.steps=4", "--config.checkpoint.every=2")
   bad = _train(tmp_path, "--config.train.steps=6", "--config.model.d_ff=128", check=False)

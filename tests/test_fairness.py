@@ -79,6 +79,7 @@ def test_expert_choice_moe_sees_the_future_and_is_labelled_so():
   assert changed_positions(cfg) > 0  # if this ever fails, the label is wrong, not the test
 
 
+@pytest.mark.slow  # the default suite checks cached decoding for dense and PEER (test_sampling)
 def test_token_choice_moe_decodes_like_its_training_forward():
   """Incremental decoding (one token at a time) gives the full forward's logits."""
   import jax
@@ -259,6 +260,7 @@ def check_tables_on_mesh(cases):
     np.testing.assert_allclose(r["mesh"], r["one"], rtol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow  # on a mesh the default table branch runs in test_sharding's mesh-vs-one-device test
 def test_row_sparse_table_optimizer_trains_the_same_on_a_mesh():
   """lazy_adam finds touched rows of D-sharded tables (the default table branch, 4x decaying,
   is on every mesh test of test_sharding.py)."""

@@ -51,6 +51,7 @@ def test_top_p_keeps_only_the_nucleus():
   assert int(sample_next(logits, jax.random.key(0), 0.0, 1.0)[0]) == 0
 
 
+@pytest.mark.slow  # the script's loader is test_run's; generation is tested in-process here
 def test_sample_script_on_a_trained_run(tmp_path):
   from tests.test_checkpoint import TINY
   train = subprocess.run(
