@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-import ml_collections
 
 from configs import base
+from peer_jax.sweep_config import apply_overrides
 from peer_jax import kinds
 from peer_jax.kinds import memory_plus
 from peer_jax.flops import (PEAK_FLOPS, device_peak_flops, flops_per_token,
@@ -50,16 +50,9 @@ def small(ffw="dense", **overrides):
   m.peer.num_experts, m.peer.heads, m.peer.top_k, m.peer.query_dim = 16**2, 4, 8, 32
   m.moe.num_experts, m.moe.capacity_factor = 4, 1.0
   m.pkm.num_memories, m.pkm.heads, m.pkm.top_k, m.pkm.key_dim = 16**2, 4, 8, 32
-  m.memory_plus = ml_collections.ConfigDict(memory_plus.default_config())
   mp = m.memory_plus
   mp.num_memories, mp.heads, mp.top_k, mp.key_dim, mp.kernel = 16**2, 4, 8, 32, "xla"
-  for key, value in overrides.items():
-    node = m
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return m
+  return apply_overrides(m, overrides)
 
 
 def _split(m):

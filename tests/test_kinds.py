@@ -6,10 +6,10 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import pytest
 from flax import nnx
 
+from peer_jax.sweep_config import apply_overrides
 from peer_jax import expert_stats, flops, kinds, optim
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.model import Transformer, is_causal
@@ -19,21 +19,9 @@ KINDS = kinds.names()
 
 
 def kind_config(name: str, **model_overrides):
-  """conftest's tiny config with model.ffw = name (and a tiny section for kinds whose
-  section configs/base.py does not hold)."""
+  """conftest's tiny config with model.ffw = name and the given model keys set."""
   c = tiny_config(name)
-  m = c.model
-  kind = kinds.get(name)
-  if kind.defaults is not None and kind.section not in m:
-    s = ml_collections.ConfigDict(kind.defaults())
-    s.update({"num_memories": 16**2, "heads": 2, "top_k": 4, "key_dim": 16})
-    m[kind.section] = s
-  for key, value in model_overrides.items():
-    node = m
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  c.model = apply_overrides(c.model, model_overrides)
   return c
 
 

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peer_jax.kinds.base import FFWKind
+from peer_jax.kinds.retrieval_cost import retrieval_flop_terms, retrieval_params
 from peer_jax.layers.common import fan_in_normal, param
-from peer_jax.layers.peer import ProductKeyRetrieval, exact_sqrt, query_norm_params
+from peer_jax.layers.peer import ProductKeyRetrieval
 from peer_jax.layers.pkm import embedding_bag, embedding_bag_cpu, resolve_bag_kernel
 
 NAME = "memory_plus"
@@ -171,16 +172,14 @@ def flop_terms(m, n_exp: int, seq_len: int) -> dict:
   if not n_exp:
     return {}
   s, d = section(m), m.d_model
-  n = exact_sqrt(s.num_memories, f"{KEY}.num_memories")
-  h, k, q = s.heads, s.top_k, s.key_dim
+  first, topk = retrieval_flop_terms("memory_plus", n_exp, d, s.heads, s.top_k, s.key_dim,
+                                     s.num_memories, f"{KEY}.num_memories")
   return {
-      "memory_plus_query": n_exp * 2 * d * h * q,
-      "memory_plus_subkey_scores": n_exp * 2 * h * n * q,  # per head: 2 halves × √N × q/2
-      "memory_plus_candidate_sums": n_exp * h * k * k,
-      "memory_plus_values": n_exp * 2 * h * k * d,        # Σ w · values[idx], V = D
-      "memory_plus_gate": n_exp * 2 * d * d,              # W_gate x
-      "memory_plus_out": n_exp * 2 * d * d,               # W_out (y ⊙ silu(.))
-      "memory_plus_topk_ops": n_exp * h * (2 * n + k * k),
+      **first,
+      "memory_plus_values": n_exp * 2 * s.heads * s.top_k * d,  # Σ w · values[idx], V = D
+      "memory_plus_gate": n_exp * 2 * d * d,                    # W_gate x
+      "memory_plus_out": n_exp * 2 * d * d,                     # W_out (y ⊙ silu(.))
+      **topk,
   }
 
 
@@ -188,10 +187,8 @@ def param_counts(m, n_exp: int, seq_len):
   if not n_exp:
     return 0, 0, 0.0
   s, d = section(m), m.d_model
-  n = exact_sqrt(s.num_memories, f"{KEY}.num_memories")
-  q_dim = s.heads * s.key_dim
-  keys = 2 * s.heads * n * (s.key_dim // 2)
-  per_block = d * q_dim + query_norm_params("rmsnorm", q_dim) + keys + 2 * d * d
+  per_block = retrieval_params(d, s.heads, s.key_dim, s.num_memories, f"{KEY}.num_memories",
+                               "rmsnorm", s.heads) + 2 * d * d  # + W_gate, W_out
   pools = 1 if s.shared_values else n_exp  # a shared pool counts once
   return n_exp * per_block, pools * s.num_memories * d, n_exp * s.heads * s.top_k * d
 

@@ -3,8 +3,9 @@
 import math
 
 from peer_jax.kinds.base import FFWKind
+from peer_jax.kinds.retrieval_cost import retrieval_flop_terms, retrieval_params
 from peer_jax.layers.peer import (PEER, PEER_ACTIVATIONS, PLACEMENTS, QUERY_NORMS, ROUTERS,
-                                  VALUE_INITS, exact_sqrt, query_norm_params)
+                                  VALUE_INITS)
 
 
 def build(m, *, rngs, dtype, out_scale, shared=None):
@@ -43,17 +44,15 @@ def flop_terms(m, n_exp: int, seq_len: int) -> dict:
   if not n_exp:
     return {}
   p, d = m.peer, m.d_model
-  n = exact_sqrt(p.num_experts, "model.peer.num_experts")
-  h, k, q = p.heads, p.top_k, p.query_dim
+  h, k = p.heads, p.top_k
+  first, topk = retrieval_flop_terms("peer", n_exp, d, h, k, p.query_dim, p.num_experts,
+                                     "model.peer.num_experts")
   return {
-      "peer_query": n_exp * 2 * d * h * q,
-      # Each head's two query halves (q/2 dims) against √N sub-keys each: 2·2·√N·q/2.
-      "peer_subkey_scores": n_exp * 2 * h * n * q,
-      "peer_candidate_sums": n_exp * h * k * k,  # s1[a] + s2[b] for the k×k candidates
+      **first,
       # u_i·x for h·k experts (2·h·k·D; GLU adds g_i·x), then Σ w·σ·v_i (2·h·k·D).
       "peer_experts_in": n_exp * (4 if p.glu else 2) * h * k * d,
       "peer_experts_out": n_exp * 2 * h * k * d,
-      "peer_topk_ops": n_exp * h * (2 * n + k * k),
+      **topk,
   }
 
 
@@ -61,12 +60,11 @@ def param_counts(m, n_exp: int, seq_len):
   if not n_exp:
     return 0, 0, 0.0
   p, d = m.peer, m.d_model
-  n = exact_sqrt(p.num_experts, "model.peer.num_experts")
-  q_dim = p.heads * p.query_dim
-  keys = 2 * n * (p.query_dim // 2) * (p.heads if p.per_head_keys else 1)
+  retrieval = retrieval_params(d, p.heads, p.query_dim, p.num_experts, "model.peer.num_experts",
+                               p.query_norm, p.heads if p.per_head_keys else 1)
   rows = 3 if p.glu else 2
-  return (n_exp * (d * q_dim + query_norm_params(p.query_norm, q_dim) + keys),
-          n_exp * rows * p.num_experts * d, n_exp * rows * p.heads * p.top_k * d)
+  return (n_exp * retrieval, n_exp * rows * p.num_experts * d,
+          n_exp * rows * p.heads * p.top_k * d)
 
 
 KIND = FFWKind(

@@ -1,7 +1,8 @@
 """PKM (peer_jax.layers.pkm): product-key memory, Lample et al. 2019. `model.pkm`."""
 
 from peer_jax.kinds.base import FFWKind
-from peer_jax.layers.peer import QUERY_NORMS, VALUE_INITS, exact_sqrt, query_norm_params
+from peer_jax.kinds.retrieval_cost import retrieval_flop_terms, retrieval_params
+from peer_jax.layers.peer import QUERY_NORMS, VALUE_INITS
 from peer_jax.layers.pkm import PKM
 
 
@@ -42,26 +43,19 @@ def flop_terms(m, n_exp: int, seq_len: int) -> dict:
   if not n_exp:
     return {}
   p = m.pkm
-  n = exact_sqrt(p.num_memories, "model.pkm.num_memories")
-  h, k, q = p.heads, p.top_k, p.key_dim
-  return {
-      "pkm_query": n_exp * 2 * m.d_model * h * q,
-      "pkm_subkey_scores": n_exp * 2 * h * n * q,
-      "pkm_candidate_sums": n_exp * h * k * k,
-      "pkm_values": n_exp * 2 * h * k * m.d_model,  # weighted sum of h·k value rows (V = D)
-      "pkm_topk_ops": n_exp * h * (2 * n + k * k),
-  }
+  first, topk = retrieval_flop_terms("pkm", n_exp, m.d_model, p.heads, p.top_k, p.key_dim,
+                                     p.num_memories, "model.pkm.num_memories")
+  # the weighted sum of h·k value rows (V = D)
+  return {**first, "pkm_values": n_exp * 2 * p.heads * p.top_k * m.d_model, **topk}
 
 
 def param_counts(m, n_exp: int, seq_len):
   if not n_exp:
     return 0, 0, 0.0
   p, d = m.pkm, m.d_model
-  n = exact_sqrt(p.num_memories, "model.pkm.num_memories")
-  q_dim = p.heads * p.key_dim
-  keys = 2 * p.heads * n * (p.key_dim // 2)  # PKM always uses per-head sub-keys
-  return (n_exp * (d * q_dim + query_norm_params(p.query_norm, q_dim) + keys),
-          n_exp * p.num_memories * d, n_exp * p.heads * p.top_k * d)
+  retrieval = retrieval_params(d, p.heads, p.key_dim, p.num_memories, "model.pkm.num_memories",
+                               p.query_norm, p.heads)  # PKM always uses per-head sub-keys
+  return n_exp * retrieval, n_exp * p.num_memories * d, n_exp * p.heads * p.top_k * d
 
 
 KIND = FFWKind(
