@@ -39,11 +39,11 @@ from configs.base import SHARED_DATA
 def get_config():
   c = ml_collections.ConfigDict()
   c.base = "configs/default.py"
-  c.budgets = (5e10, 1.6e11, 5e11)
+  c.budgets = (5e11, 1.6e12, 5e12)
   c.archs = ("dense", "moe", "pkm", "peer")
   c.sizes = s = ml_collections.ConfigDict()
-  s.pairs = ((16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (64, 2), (64, 3), (96, 3))  # small first
-  s.windows = ((0, 5), (2, 7), (3, 8))  # sizes of each budget: a slice of pairs
+  s.pairs = ((16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (64, 2), (64, 3), (96, 3), (128, 3))  # small first
+  s.windows = ((0, 5), (1, 6), (2, 7))  # sizes of each budget: a slice of pairs
   s.extend = 3  # a curve not bracketed adds the next ladder size beyond its best end
   s.head_dim = 16
   s.d_ff_ratio = 4
@@ -59,12 +59,12 @@ def get_config():
   tk.vocab_size = 4096  # trained on data.train_path (WikiText-2 train) on first use
   tk.train_path = ""    # "": the base config's data.train_path
   c.lr_sweep = lr = ml_collections.ConfigDict()
-  lr.budget = 1.6e11
-  lr.size = (48, 2)
-  lr.grid = (3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2)
+  lr.budget = 1.6e12
+  lr.size = (32, 2)
+  lr.grid = (6e-3, 1.2e-2, 2.4e-2, 4.8e-2)
   # Pin the LR sweep's choice here once it has run ({"dense": 6e-3, ...}); empty: use the
   # grid's best of the LR-sweep summaries in results_dir (the sweep prints its choice).
-  lr.chosen = {"dense": 2.4e-2, "moe": 2.4e-2, "pkm": 2.4e-2, "peer": 2.4e-2}  # measured
+  lr.chosen = {}
   c.seeds = sd = ml_collections.ConfigDict()
   sd.extra = 1    # seed 1 ...
   sd.nearest = 3  # ... for the 3 sizes nearest each fitted minimum (or best run)
@@ -72,7 +72,7 @@ def get_config():
   c.min_steps = 10
   c.warmup_fraction = 0.05
   c.eval_batches = 16
-  c.checkpoint_every = 100
+  c.checkpoint_every = 500
   c.log_every = 10
   c.flops_key = "total"
   c.fit_x = "params"
@@ -81,8 +81,9 @@ def get_config():
   c.results_dir = "docs/results/isoflop_cpu"
   c.compilation_cache = True  # WORKDIR/jax_cache, shared by every run
   c.timing = tm = ml_collections.ConfigDict()
-  tm.overhead_s = 18.0  # ~25 s uncached; less once a size's programs are cached
-  tm.tokens_per_sec = {"dense": 4000.0, "moe": 4000.0, "pkm": 3500.0, "peer": 4000.0}
+  tm.overhead_s = 20.0
+  tm.tokens_per_sec = {"dense": 15000.0, "moe": 14000.0, "pkm": 9000.0, "peer": 10000.0}
+  tm.gflops = {"dense": 13.0, "moe": 12.0, "pkm": 11.0, "peer": 11.0}
   c.smoke = {  # --smoke: 1 budget × 2 archs × 3 tiny sizes (10 runs of seconds each)
       "budgets": (2e8,), "archs": ("dense", "peer"),
       "sizes": {"pairs": ((16, 1), (16, 2), (32, 1)), "windows": ()},
