@@ -61,7 +61,7 @@ def get_config():
   c.lr_sweep = lr = ml_collections.ConfigDict()
   lr.budget = 1.6e12
   lr.size = (32, 2)
-  lr.grid = (6e-3, 1.2e-2, 2.4e-2, 4.8e-2)
+  lr.grid = (6e-3, 1.2e-2, 2.4e-2, 4.8e-2, 9.6e-2)
   # Pin the LR sweep's choice here once it has run ({"dense": 6e-3, ...}); empty: use the
   # grid's best of the LR-sweep summaries in results_dir (the sweep prints its choice).
   lr.chosen = {}

@@ -34,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peer_jax.schedules import (  # noqa: F401 (re-exported)
+    TABLE_LR_SCHEDULES, learning_rate_schedule, table_learning_rate_schedule)
+
 TABLE_KINDS = ("adamw", "lazy_adam", "sgd", "adafactor")
 def _table_names() -> tuple[str, ...]:
   from peer_jax import kinds  # the kinds declare their tables (PEER u/v/g, PKM values, ...)
@@ -186,46 +189,6 @@ def table_aware_optimizer(rest_tx: optax.GradientTransformation, *, table_kind: 
 # ----------------------------------------------------------------------------- optimizer
 
 
-def learning_rate_schedule(tcfg) -> optax.Schedule:
-  """Linear warmup to train.learning_rate, then cosine decay to min_lr_ratio of it."""
-  peak = tcfg.learning_rate
-  # A short run (e.g. --config.train.steps=10 on a config made for 1000) warms up for all of it.
-  warmup_steps = min(tcfg.warmup_steps, tcfg.steps)
-  decay_steps = max(tcfg.steps - warmup_steps, 1)
-  cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=tcfg.min_lr_ratio)
-  if warmup_steps == 0:
-    return cosine
-  # Step s < warmup gets peak·(s+1)/warmup: the first step already moves, the last reaches peak.
-  warmup = optax.linear_schedule(peak / warmup_steps, peak, max(warmup_steps - 1, 1))
-  return optax.join_schedules([warmup, cosine], [warmup_steps])
-
-
-TABLE_LR_SCHEDULES = ("follow", "decay_to_base", "constant")
-
-
-def table_learning_rate_schedule(tcfg, base: optax.Schedule) -> optax.Schedule:
-  """The expert tables' learning rate: `train.table_lr_scale` × a schedule.
-
-  * follow: the base schedule (warmup, cosine) times the scale.
-  * decay_to_base: the multiplier falls linearly from the scale to 1 over training, on top
-    of the base schedule (UltraMem's table LR: 4x the base, decaying to 1x).
-  * constant: warmup to learning_rate × scale, then flat (memory layers at a fixed LR,
-    as in Meta's memory-layer code and XLM's PKM values).
-  """
-  scale, kind = float(tcfg.table_lr_scale), tcfg.get("table_lr_schedule", "follow")
-  if kind == "follow":
-    return lambda step: base(step) * scale
-  if kind == "decay_to_base":
-    total = max(int(tcfg.steps), 1)
-    return lambda step: base(step) * (scale + (1.0 - scale) * jnp.minimum(step / total, 1.0))
-  if kind == "constant":
-    peak = tcfg.learning_rate * scale
-    warmup = max(min(int(tcfg.warmup_steps), int(tcfg.steps)), 1)
-    return lambda step: peak * jnp.minimum((step + 1) / warmup, 1.0)
-  raise ValueError(f"train.table_lr_schedule: unknown {kind!r}; expected one of "
-                   f"{TABLE_LR_SCHEDULES}")
-
-
 def tables_have_own_optimizer(tcfg, model_cfg) -> bool:
   """Whether the table settings differ from the shared AdamW (so tables get a branch)."""
   if model_cfg is None or not expert_table_shape(model_cfg):
@@ -243,11 +206,15 @@ def expert_table_shape(model_cfg) -> tuple[int, int] | None:
   return kinds.get(model_cfg.ffw).table_shape(model_cfg, n)
 
 
-def make_optimizer(tcfg, model_cfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(tcfg, model_cfg=None, schedule_inputs=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (clipped) for everything; the expert tables of PEER (u, v, g) and PKM (values)
   optionally get their own optimizer, LR multiplier and schedule, and weight decay
-  (`train.table_*`; docs/peer_layer.md says which defaults the ablations chose)."""
-  schedule = learning_rate_schedule(tcfg)
+  (`train.table_*`; docs/peer_layer.md says which defaults the ablations chose).
+
+  `schedule_inputs` (peer_jax/schedules.py; traced inside the train step) replaces tcfg's
+  learning_rate, warmup_steps and steps; the state's structure does not depend on them."""
+  schedule = learning_rate_schedule(tcfg, schedule_inputs)
   # Norm scales and other vectors are not decayed: shrinking them only fights the norm.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   tx = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
@@ -257,7 +224,7 @@ def make_optimizer(tcfg, model_cfg=None) -> tuple[optax.GradientTransformation, 
     rows, per_token = expert_table_shape(model_cfg)
     tx = table_aware_optimizer(
         tx, table_kind=tcfg.table_optimizer,
-        table_learning_rate=table_learning_rate_schedule(tcfg, schedule),
+        table_learning_rate=table_learning_rate_schedule(tcfg, schedule, schedule_inputs),
         b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=wd,
         max_rows=int(min(rows, tcfg.batch_size * tcfg.seq_len * per_token)))
   if tcfg.grad_clip > 0:

@@ -26,7 +26,7 @@ from peer_jax.sweep_collect import (  # noqa: F401  (re-exported)
     final_eval, make_summary, plan_digest, read_metrics, read_summaries, results_dir_of,
     run_status, summary_matches, summary_path, write_jsonl, write_summary)
 from peer_jax.sweep_commands import (  # noqa: F401  (re-exported)
-    estimate_seconds, gcloud_command, shell_join, train_command)
+    estimate_seconds, gcloud_command, run_in_process, shell_join, train_command)
 from peer_jax.sweep_config import (  # noqa: F401  (re-exported)
     REPO, SweepError, apply_overrides, apply_smoke, ensure_sweep_tokenizer, load_config_file)
 from peer_jax.sweep_plan import (  # noqa: F401  (re-exported)
@@ -150,10 +150,21 @@ def sweep_state(planner: Planner, summaries: dict[str, dict]) -> SweepState:
                     done={k: v for k, v in done.items() if v is not None})
 
 
+def program_key(run: Run) -> tuple:
+  """What a run's compiled train step depends on among a sweep's runs: its architecture and
+  size (LR, warmup and length are step inputs: peer_jax/schedules.py)."""
+  return (run.arch, run.d_model, run.num_layers, run.num_heads, run.d_ff)
+
+
 def remaining_seconds(state: SweepState, timing) -> float:
   """Planned seconds of every run not finished yet, seed runs not plannable yet included
-  (each at the mean planned time of its curve's main runs)."""
-  total = sum(estimate_seconds(r, timing) for r in state.all_runs() if r.name not in state.done)
+  (each at the mean planned time of its curve's main runs), plus `timing.compile_s` for
+  each program (`program_key`) that no finished run has compiled yet."""
+  todo = [r for r in state.all_runs() if r.name not in state.done]
+  total = sum(estimate_seconds(r, timing) for r in todo)
+  compiled = {program_key(r) for r in state.all_runs() if r.name in state.done}
+  total += float((timing or {}).get("compile_s", 0.0)) * len(
+      {program_key(r) for r in todo} - compiled)
   for budget, arch, count in state.seed_pending_keys:
     curve = [estimate_seconds(r, timing) for r in state.main_runs
              if r.budget == budget and r.arch == arch]

@@ -1,8 +1,10 @@
 """isoFLOP sweeps, the launching half: a run's planned wall time, its scripts/train.py
-command and the gcloud command that runs it on every worker of a TPU VM."""
+command, the same run in this process, and the gcloud command that runs it on every worker
+of a TPU VM."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from typing import Iterable
 
@@ -48,6 +50,21 @@ def train_command(run: Run, base: str, workdir: str, python: str = "python") -> 
 
 def shell_join(argv: Iterable[str]) -> str:
   return " ".join(shlex.quote(a) for a in argv)
+
+
+def run_in_process(run: Run, base: str, run_dir: str, log_path: str) -> int:
+  """Train `run` in this process, as `train_command` would in a new one; returns its exit
+  code. Saves each run the interpreter start, the imports and the backend start; with the
+  schedule's numbers as step inputs (peer_jax/schedules.py), runs of one size also share
+  one compiled step. Its output is appended to log_path, as a subprocess's would be."""
+  from peer_jax.cli import run_or_explain
+  from peer_jax.sweep_config import apply_overrides, load_config_file
+  from peer_jax.train import train_and_evaluate
+  cfg = apply_overrides(load_config_file(base), run.overrides)
+  with open(log_path, "a") as log, contextlib.redirect_stdout(log), \
+       contextlib.redirect_stderr(log):
+    print(f"$ (in process) {shell_join(train_command(run, base, run_dir))}", flush=True)
+    return run_or_explain(lambda: train_and_evaluate(cfg, run_dir))
 
 
 def gcloud_command(run: Run, base: str, tpu: str, gcfg) -> list[str]:

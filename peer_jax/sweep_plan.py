@@ -26,7 +26,9 @@ A sweep config (configs/isoflop_*.py) is a ConfigDict with
   select_eval_set / plot_eval_set: the eval set that picks LRs and seed sizes / the plot shows
   results_dir: where the summaries, table and plot go (relative to the repository)
   timing:      overhead_s (per run), gflops {arch: sustained GFLOP/s} and/or tokens_per_sec
-               {arch: training tokens/s} (the slower of the two counts) for the estimate
+               {arch: training tokens/s} (the slower of the two counts), compile_s (per
+               distinct program: arch and size) for the estimate
+  launcher:    the default of --launcher (local | inprocess | print | gcloud)
   smoke:       nested overrides of this sweep config applied by --smoke
   gcloud:      tpus (names), zone, project, repo_dir, python, workdir (on the VMs)
 

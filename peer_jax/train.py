@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peer_jax import evaluate as evaluation
-from peer_jax import flops, loop, sharding
+from peer_jax import flops, loop, schedules, sharding
 from peer_jax.checkpoint import Checkpointer, check_writable, resolve_path
 from peer_jax.config_validation import ConfigError, validate_config
 from peer_jax.data import Tokenizer, global_batch, make_train_iterator
@@ -90,15 +90,38 @@ class Trainer:
     return sharding.batch_sharding(self.mesh, ndim)
 
   @functools.cached_property
-  def train_step(self) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  def train_step(self) -> "BoundStep":
     # Traced inside the rules context: activation constraints and the D-sharded expert bank
     # apply on a multi-device mesh (no-ops on one device).
-    step_fn = sharding.with_rules(make_train_step(self.graphdef, self.tx, self.schedule, self.cfg),
+    step_fn = sharding.with_rules(make_train_step(self.graphdef, self.cfg),
                                   self.mesh, tuple(self.cfg.sharding.rules))
     batch_shardings = {k: self.batch_sharding(2) for k in BATCH_KEYS}
-    return jax.jit(step_fn, in_shardings=(self.state_shardings, batch_shardings),
-                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
-                   donate_argnums=0)
+    replicated = NamedSharding(self.mesh, P())
+    jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_shardings, replicated),
+                     out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    return BoundStep(jitted, schedules.schedule_inputs(self.cfg.train), replicated)
+
+
+class BoundStep:
+  """The jitted step with this run's schedule inputs bound: `step(state, batch)`.
+
+  The schedule's numbers are arguments of the program, not constants in it, so runs that
+  differ only in LR, warmup or length share one compiled step (peer_jax/schedules.py)."""
+
+  def __init__(self, jitted, schedule_inputs: dict, sharding: NamedSharding):
+    self.jitted, self.schedule_inputs, self._sharding = jitted, schedule_inputs, sharding
+    self._on_device = None  # placed on first call: `lower` alone works on compile-only devices
+
+  def __call__(self, state, batch):
+    if self._on_device is None:
+      self._on_device = {k: jax.device_put(v, self._sharding)
+                         for k, v in self.schedule_inputs.items()}
+    return self.jitted(state, batch, self._on_device)
+
+  def lower(self, state, batch):
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._sharding)
+                for k, v in self.schedule_inputs.items()}
+    return self.jitted.lower(state, batch, abstract)
 
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
@@ -140,7 +163,9 @@ def expert_metrics(aux: dict, model_cfg) -> dict[str, jax.Array]:
   return out
 
 
-def make_train_step(graphdef, tx, schedule, cfg):
+def make_train_step(graphdef, cfg):
+  """train_step(state, batch, schedule_inputs) -> (state, metrics); the optimizer is built
+  inside, from the traced schedule inputs (its state's structure does not depend on them)."""
   accum = cfg.train.grad_accum_steps
   model_cfg = cfg.model
 
@@ -184,7 +209,9 @@ def make_train_step(graphdef, tx, schedule, cfg):
     stats = {k: jnp.mean(v) for k, v in stats.items()}
     return grads, loss_sum, count, model_state, stats
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict, schedule_inputs: dict
+                 ) -> tuple[TrainState, dict]:
+    tx, schedule = make_optimizer(cfg.train, model_cfg, schedule_inputs)
     grads, loss_sum, count, model_state, stats = token_mean_grads(state, batch)
     denom = jnp.maximum(count, 1.0)
     grad_norm = optax.global_norm(grads)

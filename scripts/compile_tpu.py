@@ -303,10 +303,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from peer_jax.config_validation import ConfigError
+  from peer_jax.ops import kernels
   FLAGS = flags.FLAGS
   try:
-    report = compile_report(FLAGS.config, FLAGS.topology, FLAGS.num_slices, FLAGS.hlo_out,
-                            FLAGS.breakdown)
+    # Kernels are chosen for the TPU compiled for, not for this (CPU) host: `auto` and
+    # `pallas` mean the Mosaic kernels, as on the TPU itself.
+    with kernels.target_platform("tpu"):
+      report = compile_report(FLAGS.config, FLAGS.topology, FLAGS.num_slices, FLAGS.hlo_out,
+                              FLAGS.breakdown)
   except (TopologyError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -2,7 +2,7 @@
 """Plan, launch, collect and fit an isoFLOP sweep (docs/sweeps.md).
 
   python scripts/sweep_isoflop.py --config=configs/isoflop_cpu.py --workdir=DIR \\
-      [--dry_run] [--launcher=local|print|gcloud] [--collect_only] [--smoke] \\
+      [--dry_run] [--launcher=local|inprocess|print|gcloud] [--collect_only] [--smoke] \\
       [--results_dir=RESULTS] [--config.KEY=VALUE ...]
 
 The local launcher runs the whole sweep, resumably: it trains the sweep's small tokenizer
@@ -14,6 +14,8 @@ and isoflop.png. RESULTS is the config's results_dir (docs/results/isoflop_cpu f
 sweep), else DIR/results.
   --dry_run            print the plannable runs as JSON lines and the time estimate; stop
                        (with --launcher=gcloud: print the submissions instead)
+  --launcher=inprocess the local launcher, every run in this one process (no start-up per
+                       run; runs of one size share one compiled step): the GPU sweep's
   --launcher=print     print one scripts/train.py command per run that can run now; stop
   --launcher=gcloud    submit those runs to TPU VMs (gcloud compute tpus tpu-vm ssh)
   --collect_only       only fit, tabulate and plot the summaries in RESULTS (no --workdir
@@ -45,8 +47,10 @@ _RESULTS = flags.DEFINE_string("results_dir", None, "Where summaries, table and 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (JSON lines) and the time "
                              "estimate without training; with --launcher=gcloud print the "
                              "submissions instead.")
-_LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "print", "gcloud"],
-                              "How runs are launched.")
+LAUNCHERS = ("local", "inprocess", "print", "gcloud")
+_LAUNCHER = flags.DEFINE_enum("launcher", None, list(LAUNCHERS),
+                              "How runs are launched (default: the sweep config's `launcher`, "
+                              "else local).")
 _COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only fit, tabulate and plot the "
                                   "summaries in the results directory.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Run the sweep config's tiny smoke form.")
@@ -58,23 +62,62 @@ def say(text: str) -> None:
 
 
 class _Stop:
-  """SIGTERM/SIGINT: forward SIGTERM to the running train.py (it saves and exits), then stop."""
+  """SIGTERM/SIGINT: forward SIGTERM to the running train.py (it saves and exits), then stop.
+
+  An in-process run holds its own SIGTERM handler while it trains (loop.Preemption); a
+  Ctrl-C then becomes a SIGTERM to this process, which that handler takes."""
 
   def __init__(self):
     self.requested = False
     self.child = None
+    self.in_process = False
 
   def handle(self, signum, frame):
     self.requested = True
     if self.child is not None and self.child.poll() is None:
       self.child.send_signal(signal.SIGTERM)
+    elif self.in_process and signum != signal.SIGTERM:
+      signal.raise_signal(signal.SIGTERM)
 
 
 def _count(runs, phase):
   return sum(r.phase == phase for r in runs)
 
 
-def launch_local(sweep_cfg, planner, workdir, results_dir) -> int:
+def _train_subprocess(run, base, run_dir, log_path, env, stop) -> int:
+  from peer_jax import sweep
+  cmd = sweep.train_command(run, base, os.path.abspath(run_dir), python=sys.executable)
+  with open(log_path, "a") as log:
+    log.write(f"$ {sweep.shell_join(cmd)}\n")
+    log.flush()
+    stop.child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env=env)
+    rc = stop.child.wait()
+    stop.child = None
+  return rc
+
+
+def _train_in_process(run, base, run_dir, log_path, stop) -> int:
+  from peer_jax import sweep
+  stop.in_process = True
+  try:
+    rc = sweep.run_in_process(run, base, os.path.abspath(run_dir), log_path)
+  finally:
+    stop.in_process = False
+  if rc == 0 and sweep.run_status(run_dir, run.steps)[0] != "done":
+    stop.requested = True  # its SIGTERM handler took the signal: saved, not finished
+  return rc
+
+
+def _use_compilation_cache(env: dict, in_process: bool) -> None:
+  if in_process:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def launch_local(sweep_cfg, planner, workdir, results_dir, in_process: bool = False) -> int:
   from peer_jax import sweep
   from peer_jax.metrics import format_duration
   stop = _Stop()
@@ -91,6 +134,7 @@ def launch_local(sweep_cfg, planner, workdir, results_dir) -> int:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(workdir),
                                                              "jax_cache"))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    _use_compilation_cache(env, in_process)
   state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
   planned = len(state.all_runs()) + state.seed_pending
   finished = len(state.done)
@@ -123,15 +167,12 @@ def launch_local(sweep_cfg, planner, workdir, results_dir) -> int:
       what = f"resuming after step {last}" if status == "partial" else "starting"
       say(f"{tag} {run.name} ({run.phase}, lr {run.learning_rate:g}, seed {run.seed}): {what}; "
           f"{run.steps} steps, {run.params / 1e6:.2f}M params, {run.total_flops:.3g} FLOPs")
-      cmd = sweep.train_command(run, base, os.path.abspath(run_dir), python=sys.executable)
       t0 = time.time()
-      with open(os.path.join(run_dir, "train.log"), "a") as log:
-        log.write(f"$ {sweep.shell_join(cmd)}\n")
-        log.flush()
-        stop.child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True, env=env)
-        rc = stop.child.wait()
-        stop.child = None
+      log_path = os.path.join(run_dir, "train.log")
+      if in_process:
+        rc = _train_in_process(run, base, run_dir, log_path, stop)
+      else:
+        rc = _train_subprocess(run, base, run_dir, log_path, env, stop)
       if stop.requested:
         say(f"stopped during {run.name} (its checkpoint is kept); run the same command again "
             "to resume")
@@ -283,11 +324,15 @@ def main(argv):
       f"{len(planner.dropped)} candidates dropped; {len(state.done)} finished. {est}. "
       f"Plan in {workdir}/plan.jsonl")
 
-  if _LAUNCHER.value == "gcloud" or _LAUNCHER.value == "print":
+  launcher = _LAUNCHER.value or sweep_cfg.get("launcher") or "local"
+  if launcher not in LAUNCHERS:
+    say(f"error: sweep config: launcher: {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    return 2
+  if launcher in ("gcloud", "print"):
     harvest(planner, state, workdir, results_dir, base)
     state = sweep.sweep_state(planner, sweep.read_summaries(results_dir))
     todo = state.todo()
-    if _LAUNCHER.value == "gcloud":
+    if launcher == "gcloud":
       return launch_gcloud(todo, base, sweep_cfg, _DRY_RUN.value)
     for r in todo:
       print(sweep.shell_join(sweep.train_command(r, base, os.path.join(workdir, "runs", r.name))))
@@ -299,7 +344,7 @@ def main(argv):
     for r in runs:
       print(json.dumps(r.plan_record()))
     return 0
-  rc = launch_local(sweep_cfg, planner, workdir, results_dir)
+  rc = launch_local(sweep_cfg, planner, workdir, results_dir, in_process=launcher == "inprocess")
   if rc in (0, 1):
     try:
       sweep.report(sweep_cfg, results_dir, log=say)

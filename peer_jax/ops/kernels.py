@@ -23,6 +23,7 @@ config validation calls `resolve_kernel` so this happens before anything is buil
 Resolved implementations (`IMPLS`): "xla", "cpu_ffi", "pallas_tpu", "pallas_gpu".
 """
 
+import contextlib
 import logging
 import os
 
@@ -42,8 +43,26 @@ class KernelError(ValueError):
   """An explicit kernel setting that cannot run here; str() is one line naming the key."""
 
 
+_target_platforms: list[str] = []
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Pick kernels for `platform` ('tpu' | 'gpu' | 'cpu') instead of the default backend:
+  ahead-of-time compiles for devices this host does not have (scripts/compile_tpu.py
+  compiles for a TPU topology from a CPU host)."""
+  _target_platforms.append(platform)
+  try:
+    yield
+  finally:
+    _target_platforms.pop()
+
+
 def backend_platform() -> str:
-  """'cpu', 'gpu' or 'tpu' (the default backend)."""
+  """'cpu', 'gpu' or 'tpu': the platform programs are built for (`target_platform`, else
+  the default backend)."""
+  if _target_platforms:
+    return _target_platforms[-1]
   b = jax.default_backend()
   return "gpu" if b in ("gpu", "cuda", "rocm") else b
 

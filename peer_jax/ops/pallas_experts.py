@@ -57,7 +57,8 @@ def _pad_rows(a, rows):
 
 def _interpret(interpret):
   if interpret is None:
-    return jax.default_backend() == "cpu"
+    from peer_jax.ops.kernels import backend_platform  # compile_tpu targets TPU from a CPU host
+    return backend_platform() == "cpu"
   return interpret
 
 

@@ -77,7 +77,8 @@ def _col_block(d, block_d):
 
 def _interpret(interpret):
   if interpret is None:
-    return jax.default_backend() == "cpu"
+    from peer_jax.ops.kernels import backend_platform  # compile_tpu targets TPU from a CPU host
+    return backend_platform() == "cpu"
   return interpret
 
 
