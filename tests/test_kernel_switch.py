@@ -107,6 +107,23 @@ def test_resolution_rules():
     assert msg.startswith("model.peer.kernel: ") and "\n" not in msg, msg
 
 
+def test_target_platform_picks_kernels_for_the_compile_target():
+  """scripts/compile_tpu.py compiles for a TPU from a CPU host: inside target_platform('tpu')
+  auto and pallas mean the compiled Mosaic kernels (not interpret mode), and outside it the
+  host's backend decides again."""
+  from peer_jax.ops import kernels, pallas_experts, pallas_experts_gpu
+  r = lambda k: kernels.resolve_kernel(k, glu=False, d_model=256, slots=32, model_shards=2)[0]
+  assert r("auto") == "cpu_ffi" and pallas_experts._interpret(None)
+  with kernels.target_platform("tpu"):
+    assert kernels.backend_platform() == "tpu"
+    assert r("auto") == "pallas_tpu" and r("pallas") == "pallas_tpu"
+    assert not pallas_experts._interpret(None)
+    with kernels.target_platform("gpu"):
+      assert r("auto") == "pallas_gpu" and not pallas_experts_gpu._interpret(None)
+    assert kernels.backend_platform() == "tpu"
+  assert kernels.backend_platform() == "cpu" and r("auto") == "cpu_ffi"
+
+
 def test_auto_fallback_logs_one_line(caplog):
   from peer_jax.ops import kernels
   kernels._logged.clear()
