@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import traceback
 from typing import Iterable
 
 from peer_jax.sweep_plan import Run
@@ -64,7 +65,11 @@ def run_in_process(run: Run, base: str, run_dir: str, log_path: str) -> int:
   with open(log_path, "a") as log, contextlib.redirect_stdout(log), \
        contextlib.redirect_stderr(log):
     print(f"$ (in process) {shell_join(train_command(run, base, run_dir))}", flush=True)
-    return run_or_explain(lambda: train_and_evaluate(cfg, run_dir))
+    try:
+      return run_or_explain(lambda: train_and_evaluate(cfg, run_dir))
+    except Exception:  # a crash fails this run, as a subprocess's would, not the sweep
+      traceback.print_exc()
+      return 1
 
 
 def gcloud_command(run: Run, base: str, tpu: str, gcfg) -> list[str]:

@@ -719,3 +719,28 @@ def test_in_process_sweep_stops_on_sigterm_and_resumes(tmp_path):
   steps = [r["step"] for r in sweep.read_metrics(str(metrics))]
   assert steps == list(range(1, run.steps + 1))
   assert (rd / "runs" / f"{run.name}.json").exists()
+
+
+def test_in_process_run_that_crashes_fails_alone(tmp_path, monkeypatch):
+  """An unexpected exception in an in-process run is that run's failure (exit 1, traceback
+  in its train.log), as a crashed subprocess would be, not the sweep's end; a config error
+  is the one line and exit code train.py gives."""
+  import peer_jax.train
+  (run,), _ = sweep.plan_sweep(tiny_sweep(budgets=(5e9,), archs=("dense",), pairs=((32, 1),)))
+
+  def crash(cfg, workdir):
+    raise RuntimeError("boom in step 3")
+
+  monkeypatch.setattr(peer_jax.train, "train_and_evaluate", crash)
+  log = tmp_path / "train.log"
+  assert sweep.run_in_process(run, "configs/default.py", str(tmp_path / "r"), str(log)) == 1
+  text = log.read_text()
+  assert "(in process)" in text and "RuntimeError: boom in step 3" in text
+  from peer_jax.config_validation import ConfigError
+
+  def bad(cfg, workdir):
+    raise ConfigError("train.steps: must be positive")
+
+  monkeypatch.setattr(peer_jax.train, "train_and_evaluate", bad)
+  assert sweep.run_in_process(run, "configs/default.py", str(tmp_path / "r"), str(log)) == 2
+  assert "error: config: train.steps: must be positive" in log.read_text()
