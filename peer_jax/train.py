@@ -53,15 +53,14 @@ class Trainer:
   cfg: Any
   mesh: jax.sharding.Mesh
   graphdef: Any
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
+  tx: optax.GradientTransformation  # for the state's init and structure; the step builds its own
   state_shardings: TrainState
   abstract_state: TrainState
 
   @classmethod
   def build(cls, cfg, devices=None) -> "Trainer":
     model = Model.build(cfg, devices)  # mesh, graphdef, parameter shardings (peer_jax/run.py)
-    tx, schedule = make_optimizer(cfg.train, cfg.model)
+    tx, _ = make_optimizer(cfg.train, cfg.model)
     abs_params, abs_rest = model.abstract_state.params, model.abstract_state.model_state
     abstract_state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
@@ -71,7 +70,7 @@ class Trainer:
         opt_state=sharding.tree_shardings(abstract_state.opt_state, model.mesh,
                                           tuple(cfg.sharding.rules)),
         model_state=model.state_shardings.model_state)
-    return cls(cfg, model.mesh, model.graphdef, tx, schedule, state_shardings, abstract_state)
+    return cls(cfg, model.mesh, model.graphdef, tx, state_shardings, abstract_state)
 
   def init_state(self) -> TrainState:
     """Initialise parameters directly in their shardings (no host copy of the full model)."""
