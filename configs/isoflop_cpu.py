@@ -2,33 +2,32 @@
 
   python scripts/sweep_isoflop.py --config=configs/isoflop_cpu.py --workdir=runs/isoflop_cpu
 
-Dense, MoE, PKM and PEER at three budgets spanning 10× (5e10, 1.6e11, 5e11 training FLOPs),
-five sizes per (budget, architecture) from an eight-size ladder (d_model 16..96; the window
-moves up with the budget, since the optimum moves to larger models), trained on WikiText-2
-train with a 4096-piece SentencePiece model the sweep trains itself (cached in
-WORKDIR/tokenizer), evaluated on WikiText-2 valid and the bundled C4 sample. Phases, all in one command:
-  1. LR sweep: 3e-3 ... 4.8e-2 (factors of 2) at the middle budget and size (d48 × 2), per
-     architecture (the first three alone left every architecture's best at 1.2e-2, the top);
-  2. the main grid, 60 runs at each architecture's chosen LR (4 are LR-sweep runs);
-  3. a curve whose minimum is at an end of its window adds the next size of the ladder
-     on that side (up to three per curve; none beyond the ladder's ends);
+Dense, MoE, PKM and PEER at three budgets spanning 10× (5e11, 1.6e12, 5e12 training FLOPs),
+five sizes per (budget, architecture) from a ladder of (d_model, num_layers) sizes (the
+window moves up with the budget, since the optimum moves to larger models), trained on
+WikiText-2 train with a 4096-piece SentencePiece model the sweep trains itself (cached in
+WORKDIR/tokenizer), evaluated on WikiText-2 valid and the bundled C4 sample. Phases, all in
+one command:
+  1. LR sweep: 6e-3 ... 9.6e-2 (factors of 2) at the middle budget and size (d32 × 2), per
+     architecture; the choices are pinned in lr_sweep.chosen;
+  2. the main grid at each architecture's chosen LR;
+  3. a curve whose minimum is at an end of its fit family adds the next size of that depth
+     on that side (up to sizes.extend per curve; none beyond the ladder's ends);
   4. a second seed for the 3 sizes nearest each curve's minimum on WikiText-2 valid.
-Every finished run writes a small summary to docs/results/isoflop_cpu/runs/ (commit them);
-`--collect_only` regenerates the table and plot from those alone.
 
-Every run starts from configs/default.py (its PEER, MoE and PKM settings, whatever the
-fair-comparison work sets there) with the size's width and depth. Budgets are sized from
-short timing runs on this 2-core machine (docs/reproduction.md): ~3,000-5,400 training
-tokens/s for every architecture at these sizes; ~30-50 s of start-up, compilation and
-evaluation per run under load, of which the persistent compilation cache saves ~60 % when
-a size's programs are already compiled (a repeated run: 102 s -> 40 s at load 10). With
-~25 s per uncached run on idle cores, ~18 s on average, 104 runs leave ~60 minutes of
-training in 100: ~9 M tokens for the LR sweep and main grid, which fixes the budgets at
-runs of 13 to 237 steps of 2,048 tokens. This is the very-small-budget end of the paper's
-experiment, not its regime; `--dry_run` prints the estimate for other budgets
-(`--config.budgets=...`).
-As run (docs/reproduction.md): 127 runs with the wider LR grid and the extensions, ~115
-minutes on 2 shared cores.
+Each curve is fitted over the sizes of one depth (fit_family = 'depth': its most-populated
+depth, two blocks here). The two lower windows hold one-block sizes from the first design;
+fitted with them, the expert models' curves carried a step that is not about size: in a
+one-block model the expert layer is the model's only FFW (docs/reproduction.md). The 5e12
+window is two-block sizes only.
+
+Every finished run writes a small summary to docs/results/isoflop_cpu/runs/ (commit them);
+`--collect_only` regenerates the table and plot from those alone. Every run starts from
+configs/default.py (its PEER, MoE and PKM settings) with the size's width and depth. Two
+cores sustain 6-21 GFLOP/s on these models (the logits over 4096 pieces dominate the small
+ones): ~73 s per 5e11 run, ~150 s per 1.6e12 run, ~7 min per 5e12 run. `--dry_run` prints
+the estimate; the whole sweep is ~7 h, resumable. configs/isoflop_cpu_small.py is the
+first design (5e10-5e11), which fits 100 minutes but cannot bracket its minima.
 """
 
 import ml_collections
@@ -42,9 +41,9 @@ def get_config():
   c.budgets = (5e11, 1.6e12, 5e12)
   c.archs = ("dense", "moe", "pkm", "peer")
   c.sizes = s = ml_collections.ConfigDict()
-  s.pairs = ((16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (64, 2), (64, 3), (96, 3), (128, 3))  # small first
-  s.windows = ((0, 5), (1, 6), (2, 7))  # sizes of each budget: a slice of pairs
-  s.extend = 3  # a curve not bracketed adds the next ladder size beyond its best end
+  s.pairs = ((16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (64, 2), (96, 2), (128, 2))  # small first
+  s.windows = ((0, 5), (1, 6), (3, 8))  # sizes of each budget: a slice of pairs
+  s.extend = 3  # a curve not bracketed adds the next size of its depth beyond its best end
   s.head_dim = 16
   s.d_ff_ratio = 4
   c.arch_overrides = {"dense": {}, "moe": {}, "pkm": {}, "peer": {}}  # configs/default.py's
@@ -77,6 +76,7 @@ def get_config():
   c.log_every = 10
   c.flops_key = "total"
   c.fit_x = "params"
+  c.fit_family = "depth"  # fit one depth per curve (see above)
   c.select_eval_set = "wikitext2_valid"
   c.plot_eval_set = "wikitext2_valid"
   c.results_dir = "docs/results/isoflop_cpu"

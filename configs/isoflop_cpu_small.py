@@ -18,6 +18,8 @@ def get_config():
   c.budgets = (5e10, 1.6e11, 5e11)
   c.sizes.pairs = ((16, 1), (16, 2), (32, 1), (32, 2), (48, 2), (64, 2), (64, 3), (96, 3))
   c.sizes.windows = ((0, 5), (2, 7), (3, 8))
+  c.sizes.extend = 3
+  c.fit_family = "all"  # as it was analysed
   lr = c.lr_sweep
   lr.budget, lr.size = 1.6e11, (48, 2)
   lr.grid = (3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2)

@@ -78,6 +78,7 @@ def sweep_state(planner: Planner, summaries: dict[str, dict]) -> SweepState:
   sweep = planner.sweep
   eval_set = select_eval_set(sweep, planner)
   fit_x = sweep.get("fit_x", "params")
+  family = sweep.get("fit_family", "all")
   lr_runs = planner.lr_runs()
   done = {r.name: _done(summaries, r) for r in lr_runs}
   lrs, source, lr_table = dict(planner.pinned_lrs()), {}, []
@@ -116,12 +117,10 @@ def sweep_state(planner: Planner, summaries: dict[str, dict]) -> SweepState:
         if (not curve or any(r.provisional for r in curve)
             or any(p is None or eval_set not in p["eval"] for p in pts)):
           continue
-        fit = fit_curve(pts, fit_x, eval_set)
+        fit = fit_curve(pts, fit_x, eval_set, family)
         step = _extension(planner, curve, pts, fit, fit_x)
-        idx = [planner.grid.index(planner._size(r.size)) for r in curve]
-        new = None if step is None else (min(idx) - 1 if step < 0 else max(idx) + 1)
-        if (new is not None and 0 <= new < len(planner.grid)
-            and len(extra.get(key, ())) < extend):
+        new = None if step is None else _next_size(planner, curve, step, fit["family_depth"])
+        if new is not None and len(extra.get(key, ())) < extend:
           extra.setdefault(key, []).append(new)
           grown = True
         else:
@@ -172,11 +171,24 @@ def remaining_seconds(state: SweepState, timing) -> float:
   return total
 
 
+def _next_size(planner, curve, step: int, depth: int | None) -> int | None:
+  """Index into the ladder of the size beyond the curve's smallest (step -1) or largest
+  (+1) size, of the fit family's depth when it has one; None: the ladder has none."""
+  idx = [planner.grid.index(planner._size(r.size)) for r in curve
+         if depth is None or r.num_layers == depth]
+  if not idx:
+    return None
+  ladder = range(min(idx) - 1, -1, -1) if step < 0 else range(max(idx) + 1, len(planner.grid))
+  return next((i for i in ladder if depth is None or planner.grid[i][1] == depth), None)
+
+
 def _extension(planner, curve, pts, fit, fit_x) -> int | None:
   """-1 / +1: the side a not-bracketed curve should grow towards; None: bracketed, or no
   side to tell (no minimum with an interior best run)."""
   if fit["status"] == "inside":
     return None
+  if fit.get("family_depth") is not None:
+    pts = [p for p in pts if int(p["num_layers"]) == fit["family_depth"]]
   order = sorted(range(len(pts)), key=lambda i: pts[i][fit_x])
   best = next(i for i in order if pts[i]["name"] == fit["best_run"])
   if best == order[0]:
@@ -223,7 +235,7 @@ def report(sweep, results_dir: str, log=print) -> dict[str, Any] | None:
   if not records:
     return None
   fit_x = sweep.get("fit_x", "params")
-  analysis = analyze(records, fit_x)
+  analysis = analyze(records, fit_x, sweep.get("fit_family", "all"))
   analysis["lrs"] = {a: {"learning_rate": lr, "source": state.lr_source.get(a)}
                      for a, lr in state.lrs.items()}
   analysis["lr_table"] = state.lr_table

@@ -8,9 +8,10 @@ the committed summaries alone regenerate every output.
 
     fit_parabola(x, y)                 -> (coeffs, x_min, y_min) of y = a·x² + b·x + c
     bracket_status(x, y, coeffs, x_min) -> 'inside' | 'edge' | 'no_minimum' | 'too_few'
-    fit_curve(points, fit_x, eval_set) -> one curve's fit (status, minimum, best run)
+    family_points(points, fit_x, family) -> the points a curve is fitted to (one depth, or all)
+    fit_curve(points, fit_x, eval_set, family) -> one curve's fit (status, minimum, best run)
     pick_seed_sizes(points, fit, n)    -> the n sizes nearest the fitted (or best) minimum
-    analyze(summaries, fit_x)          -> {'curves': [...], 'ratios': [...]}
+    analyze(summaries, fit_x, family)  -> {'curves': [...], 'ratios': [...]}
     write_table(analysis, out_dir, ...) / plot_isoflop(summaries, analysis, path, ...)
 """
 
@@ -86,9 +87,39 @@ def _xy(points: list[dict], fit_x: str, eval_set: str):
           np.array([r["eval"][eval_set]["loss"] for r in pts], float))
 
 
-def fit_curve(points: list[dict], fit_x: str, eval_set: str) -> dict[str, Any]:
-  """Parabola of loss vs ln(fit_x) through one curve's points (one per size)."""
-  pts, x, y = _xy(points, fit_x, eval_set)
+FIT_FAMILIES = ("all", "depth")
+
+
+def family_points(points: list[dict], fit_x: str, family: str = "all"
+                  ) -> tuple[list[dict], int | None]:
+  """The points a curve's parabola is fitted to, and their depth (None: every depth).
+
+  'depth': the sizes of one depth only, the depth with the most distinct sizes (ties: the
+  deeper). A ladder that changes depth between neighbouring sizes puts a step into the
+  curve that has nothing to do with size: a one-block model is a different shape, and in
+  it the one expert layer is the model's only FFW. Choosing the family by its size count,
+  never by its losses, keeps the choice the same for every architecture and replicate.
+  """
+  if family == "all":
+    return list(points), None
+  if family != "depth":
+    raise ValueError(f"fit_family: expected one of {', '.join(FIT_FAMILIES)}, got {family!r}")
+  by_depth: dict[int, set] = {}
+  for p in points:
+    by_depth.setdefault(int(p["num_layers"]), set()).add(p[fit_x])
+  if not by_depth:
+    return [], None
+  depth = max(by_depth, key=lambda d: (len(by_depth[d]), d))
+  return [p for p in points if int(p["num_layers"]) == depth], depth
+
+
+def fit_curve(points: list[dict], fit_x: str, eval_set: str, family: str = "all"
+              ) -> dict[str, Any]:
+  """Parabola of loss vs ln(fit_x) through one curve's points (one per size) of its fit
+  family (`family_points`); points outside it are listed, never fitted."""
+  fam, depth = family_points(points, fit_x, family)
+  excluded = sorted(p["name"] for p in points if p not in fam)
+  pts, x, y = _xy(fam, fit_x, eval_set)
   coeffs, x_min, y_min = fit_parabola(x, y)
   status = bracket_status(x, y, coeffs, x_min)
   best = pts[int(np.argmin(y))]
@@ -97,14 +128,17 @@ def fit_curve(points: list[dict], fit_x: str, eval_set: str) -> dict[str, Any]:
           "opt_x": float(math.exp(x_min)) if status == "inside" else None,
           "opt_loss": float(y_min) if status == "inside" else None,
           "best_run": best["name"], "best_loss": float(y.min()),
-          "best_size": [best["d_model"], best["num_layers"]], "n_points": len(pts)}
+          "best_size": [best["d_model"], best["num_layers"]], "n_points": len(pts),
+          "fit_family": family, "family_depth": depth, "excluded_runs": excluded}
 
 
 def pick_seed_sizes(points: list[dict], fit: dict, n: int, fit_x: str) -> list[tuple[int, int]]:
   """The n sizes (d_model, num_layers) nearest the curve's minimum in ln(fit_x): the fitted
-  minimum when bracketed, else the best measured run."""
+  minimum when bracketed, else the best measured run; only sizes of the fit's family."""
   if n <= 0 or not points:
     return []
+  if fit.get("family_depth") is not None:
+    points = [p for p in points if int(p["num_layers"]) == fit["family_depth"]]
   centre = (math.log(fit["opt_x"]) if fit["status"] == "inside" else
             math.log(next(p[fit_x] for p in points if p["name"] == fit["best_run"])))
   order = sorted(points, key=lambda p: (abs(math.log(p[fit_x]) - centre), p[fit_x]))
@@ -132,7 +166,8 @@ def eval_sets_of(summaries: list[dict]) -> list[str]:
   return sorted(names, key=lambda s: (order.index(s) if s in order else len(order), s))
 
 
-def analyze(summaries: list[dict], fit_x: str = "params") -> dict[str, list[dict]]:
+def analyze(summaries: list[dict], fit_x: str = "params", family: str = "all"
+            ) -> dict[str, list[dict]]:
   """Per (budget, arch, eval set): the seed-0 fit, the replicate fits with seed 1.. at the
   sizes that have them (each replicate replaces those points), the compute-optimal loss
   and perplexity (mean of the replicates' bracketed minima) with their spread (half the
@@ -156,7 +191,7 @@ def analyze(summaries: list[dict], fit_x: str = "params") -> dict[str, list[dict
       pts = [r for r in main if eval_set in r["eval"]]
       if not pts:
         continue
-      fit = fit_curve(pts, fit_x, eval_set)
+      fit = fit_curve(pts, fit_x, eval_set, family)
       replicates = [fit]
       noise = []
       for seed in extra:
@@ -165,7 +200,8 @@ def analyze(summaries: list[dict], fit_x: str = "params") -> dict[str, list[dict
         if not others:
           continue
         rep = [others.get(_size(p), p) for p in pts]
-        replicates.append(fit_curve(rep, fit_x, eval_set))
+        replicates.append(fit_curve(rep, fit_x, eval_set, family))
+        # Seed noise over every re-run size, in the fit's family or not.
         noise += [others[_size(p)]["eval"][eval_set]["loss"] - p["eval"][eval_set]["loss"]
                   for p in pts if _size(p) in others]
       bpb_per_loss = float(np.mean([p["eval"][eval_set]["bpb"] / p["eval"][eval_set]["loss"]
@@ -233,6 +269,18 @@ def _pm(value, spread, digits=2) -> str:
   return f"{value:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
+def _family_note(curves: list[dict]) -> str:
+  """The table's sentence on which sizes were fitted ('' when every size was)."""
+  depths = sorted({c["family_depth"] for c in curves if c.get("family_depth") is not None})
+  if not depths:
+    return ""
+  n_out = sum(len(c["excluded_runs"]) for c in curves)
+  return (" Each curve is fitted over the sizes of one depth only (fit_family 'depth': the "
+          "depth with the most sizes; here " + ", ".join(f"{d} blocks" for d in depths)
+          + "); its best run is the best of those. " + str(n_out) + " curve points of other "
+          "depths are plotted but not fitted (fits.json: excluded_runs).")
+
+
 def table_markdown(analysis: dict, lr_table: list[dict] | None = None) -> str:
   """The Table-1 layout (rows 'PEER 1e12'; perplexity and bits per byte per eval set), the
   bracketing and seed columns, the ratios to dense, expert usage and (if given) the LR sweep."""
@@ -280,7 +328,7 @@ def table_markdown(analysis: dict, lr_table: list[dict] | None = None) -> str:
          "bracketed: not a compute-optimal value. Seed noise: RMS over the re-run sizes of "
          "(loss seed 1 − loss seed 0)/√2. MoE with expert-choice routing (the paper's "
          "baseline) is not causal: a token's routing depends on later tokens of its "
-         "sequence.", ""]
+         "sequence." + _family_note(curves), ""]
   rs = analysis["ratios"]
   if rs:
     md += ["Perplexity ratio to dense (same budget and eval set; < 1: better than dense):", "",
@@ -374,7 +422,8 @@ COLORS = {k.name: k.color for k in kinds.all_kinds()}
 def plot_isoflop(summaries: list[dict], analysis: dict, path: str, eval_set: str | None = None,
                  fit_x: str = "params") -> str:
   """PNG of loss vs fit_x (log axis), one panel per budget, one curve per arch: seed-0 points
-  (filled), other seeds (hollow), the fitted parabola, the compute-optimal minimum (star,
+  (filled; triangles: sizes outside the fit's depth family), other seeds (hollow), the
+  fitted parabola, the compute-optimal minimum (star,
   with its seed spread as an error bar) or, for a curve that is not bracketed, an ×
   at its best run."""
   import matplotlib
@@ -399,7 +448,12 @@ def plot_isoflop(summaries: list[dict], analysis: dict, path: str, eval_set: str
       label = arch_label(arch, fit["moe_routing"] if fit else "")
       if fit and not fit["compute_optimal"]:
         label += " (not bracketed)"
-      ax.scatter(x, y, color=COLORS[arch], label=label, s=18)
+      out = set(fit["excluded_runs"]) if fit else set()
+      fitted = np.array([r["name"] not in out for r in rs])
+      ax.scatter(x[fitted], y[fitted], color=COLORS[arch], label=label, s=18)
+      if out:  # sizes of another depth: shown, not fitted
+        ax.scatter(x[~fitted], y[~fitted], color=COLORS[arch], marker="^", s=18, alpha=0.4)
+      x = x[fitted]
       more = [r for r in summaries if r["budget"] == budget and r["arch"] == arch
               and r.get("seed", 0) > 0 and eval_set in r["eval"]]
       if more:

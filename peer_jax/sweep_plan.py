@@ -23,6 +23,8 @@ A sweep config (configs/isoflop_*.py) is a ConfigDict with
   tolerance, min_steps, warmup_fraction, eval_batches, checkpoint_every, log_every
   flops_key:   'total' (full T×T attention, as computed) or 'total_causal'
   fit_x:       the fit's abscissa: params | active_params | non_embedding_params | tokens
+  fit_family:  'all' (every size of a curve) or 'depth' (the sizes of its most-populated
+               depth only; extensions and seed sizes follow that depth)
   select_eval_set / plot_eval_set: the eval set that picks LRs and seed sizes / the plot shows
   results_dir: where the summaries, table and plot go (relative to the repository)
   timing:      overhead_s (per run), gflops {arch: sustained GFLOP/s} and/or tokens_per_sec
@@ -191,6 +193,8 @@ def validate_sweep(sweep) -> None:
     raise SweepError(f"tolerance: must be in (0, 1), got {sweep.get('tolerance')!r}")
   if sweep.get("fit_x", "params") not in FIT_X:
     raise SweepError(f"fit_x: expected one of {', '.join(FIT_X)}, got {sweep.get('fit_x')!r}")
+  if sweep.get("fit_family", "all") not in ("all", "depth"):
+    raise SweepError(f"fit_family: expected all or depth, got {sweep.get('fit_family')!r}")
   if sweep.get("flops_key", "total") not in ("total", "total_causal"):
     raise SweepError(f"flops_key: expected total or total_causal, got {sweep.get('flops_key')!r}")
   unknown = set(sweep.get("arch_overrides", {}) or {}) - set(ARCHS)
