@@ -20,7 +20,8 @@ import os
 from typing import Any
 
 from peer_jax.sweep_analysis import (  # noqa: F401  (re-exported)
-    STATUS_TEXT, analyze, arch_label, bracket_status, fit_curve, fit_parabola, plot_isoflop,
+    STATUS_TEXT, analyze, arch_label, bracket_status, family_points, fit_curve, fit_parabola,
+    plot_isoflop,
     pick_seed_sizes, ratios, table_markdown, write_table)
 from peer_jax.sweep_collect import (  # noqa: F401  (re-exported)
     final_eval, make_summary, plan_digest, read_metrics, read_summaries, results_dir_of,

@@ -744,3 +744,31 @@ def test_in_process_run_that_crashes_fails_alone(tmp_path, monkeypatch):
   monkeypatch.setattr(peer_jax.train, "train_and_evaluate", bad)
   assert sweep.run_in_process(run, "configs/default.py", str(tmp_path / "r"), str(log)) == 2
   assert "error: config: train.steps: must be positive" in log.read_text()
+
+
+def _pt(name, d, layers, params, loss):
+  return {"name": name, "d_model": d, "num_layers": layers, "params": params,
+          "eval": {"v": {"loss": loss, "ppl": math.exp(loss), "bpb": loss}}}
+
+
+def test_fit_family_depth_drops_the_one_block_step():
+  # A two-block U-shaped curve, with one-block points far above it: fitted over every size
+  # the step spoils the fit; over the two-block family the minimum is inside and exact.
+  two = [_pt(f"d{d}_l2", d, 2, p, 4.0 + 0.5 * (math.log(p) - math.log(4e5)) ** 2)
+         for d, p in ((16, 1e5), (32, 2e5), (48, 4e5), (64, 8e5), (96, 1.6e6))]
+  one = [_pt("d32_l1", 32, 1, 1.9e5, 4.3), _pt("d64_l1", 64, 1, 7.6e5, 4.4)]
+  fit = sweep.fit_curve(two + one, "params", "v", "depth")
+  assert fit["family_depth"] == 2 and fit["excluded_runs"] == ["d32_l1", "d64_l1"]
+  assert fit["status"] == "inside" and fit["opt_x"] == pytest.approx(4e5, rel=1e-6)
+  everything = sweep.fit_curve(two + one, "params", "v", "all")
+  assert everything["family_depth"] is None and everything["excluded_runs"] == []
+  assert abs(everything["opt_loss"] - 4.0) > 1e-3  # the step biases the all-sizes fit
+  # Seed sizes come from the family only.
+  picks = sweep.pick_seed_sizes(two + one, fit, 3, "params")
+  assert all(layers == 2 for _, layers in picks) and (48, 2) in picks
+  # The family is chosen by its size count (ties: deeper), never by losses.
+  tie = [_pt("a", 16, 1, 1e5, 9.0), _pt("b", 32, 1, 2e5, 9.0), _pt("c", 16, 2, 1.1e5, 1.0),
+         _pt("d", 32, 2, 2.1e5, 1.0)]
+  assert sweep.family_points(tie, "params", "depth")[1] == 2
+  with pytest.raises(ValueError, match="fit_family"):
+    sweep.family_points(tie, "params", "width")
