@@ -32,7 +32,7 @@ def get_config():
   c = isoflop_cpu.get_config()
   c.budgets = (5e13, 1.6e14, 5e14)
   s = c.sizes
-  s.pairs = ((64, 2), (96, 2), (128, 3), (192, 3), (256, 3), (256, 4), (384, 4))
+  s.pairs = ((64, 3), (96, 3), (128, 3), (192, 3), (256, 3), (384, 3), (512, 3))  # one depth: fit_family
   s.windows = ((0, 5), (1, 6), (2, 7))
   s.head_dim = 32
   c.overrides = {"model": {"dtype": "bfloat16"}, **c.overrides.to_dict()}
