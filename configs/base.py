@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.table_lr_schedule = "decay_to_base"  # follow | decay_to_base | constant
   t.table_weight_decay = -1.0  # -1: train.weight_decay; 0: no decay on the tables
   t.log_every = 10
+  # Per-step experts/block_I/usage and unevenness (PEER, PKM): a histogram of every
+  # retrieval into the N experts, each step. On TPU XLA charges it ~7e10 bytes per device
+  # for the 6e18 PEER model (docs/scaling.md); False leaves it to the evaluations.
+  t.expert_stats = True
   t.eval_every = 200
 
   c.data = d = ml_collections.ConfigDict()

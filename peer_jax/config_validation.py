@@ -101,6 +101,8 @@ def validate_train(cfg, data_parallel: int) -> None:
   if not isinstance(twd, (int, float)) or (twd < 0 and twd != -1):
     _fail("train.table_weight_decay", f"must be >= 0, or -1 for train.weight_decay; got {twd!r}")
   _positive_int(cfg, "train.log_every")
+  if not isinstance(_get(cfg, "train.expert_stats"), bool):
+    _fail("train.expert_stats", f"must be True or False, got {_get(cfg, 'train.expert_stats')!r}")
   _positive_int(cfg, "train.eval_every", allow_zero=True)
   _positive_int(cfg, "checkpoint.every", allow_zero=True)
   _positive_int(cfg, "checkpoint.keep")

@@ -57,7 +57,9 @@ def run_status(run_dir: str, steps: int) -> tuple[str, int]:
 # ----------------------------------------------------------------------------- summaries
 
 
-_NOT_DIGESTED = ("train.log_every", "train.eval_every", "data.prefetch", "data.num_threads")
+# Logging and input threading: they do not change what a run trains or its result.
+_NOT_DIGESTED = ("train.log_every", "train.eval_every", "train.expert_stats", "data.prefetch",
+                 "data.num_threads")
 
 
 def _unused_kind_sections(model: dict) -> set[str]:

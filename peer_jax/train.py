@@ -146,10 +146,11 @@ def _forward(graphdef, params, model_state, batch, train: bool):
   return loss_sum, count, aux, new_model_state
 
 
-def expert_metrics(aux: dict, model_cfg) -> dict[str, jax.Array]:
-  """Per-step expert usage and unevenness of every layer that retrieves experts."""
+def expert_metrics(aux: dict, model_cfg, usage: bool = True) -> dict[str, jax.Array]:
+  """Per-step MoE routing metrics, and (usage=True) the expert usage and unevenness of
+  every layer that retrieves experts."""
   from peer_jax import expert_stats
-  pools = expert_stats.expert_pools(model_cfg)
+  pools = expert_stats.expert_pools(model_cfg) if usage else {}
   out = {}
   for block, block_aux in aux.items():
     for name in ("dropped_fraction", "load_balance_loss"):  # MoE routing
@@ -175,7 +176,7 @@ def make_train_step(graphdef, cfg):
     aux_loss = sum((a["aux_loss"] for a in aux.values() if "aux_loss" in a),
                    jnp.zeros((), jnp.float32))
     objective = (loss_sum + aux_loss * jax.lax.stop_gradient(count)) * scale(count)
-    return objective, (loss_sum, count, new_model_state, expert_metrics(aux, model_cfg))
+    return objective, (loss_sum, count, new_model_state, expert_metrics(aux, model_cfg, cfg.train.expert_stats))
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 

@@ -88,8 +88,10 @@ def test_product_key_topk_rejects_bad_shapes():
     product_key_topk(q, q, jnp.ones((2, 4, 8)), jnp.ones((2, 4, 8)), 2)  # no head axis
 
 
+@pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_product_key_topk_gradients_match_reference(per_head):
+def test_product_key_topk_gradients_match_reference(per_head, sparse):
+  # Both backward forms (sparse: CPU / GPU; dense: TPU) against autodiff of brute force.
   rng = np.random.default_rng(3)
   n, k = 16, 8
   key_shape = (4, n, 8) if per_head else (n, 8)
@@ -100,15 +102,17 @@ def test_product_key_topk_gradients_match_reference(per_head):
   def functional(fn):
     return lambda *args: jnp.sum(fn(*args, k)[0] * probe)
 
-  got = jax.grad(functional(product_key_topk), argnums=(0, 1, 2, 3))(q1, q2, c1, c2)
+  pk = lambda *a: product_key_topk(*a, sparse_backward=sparse)
+  got = jax.grad(functional(pk), argnums=(0, 1, 2, 3))(q1, q2, c1, c2)
   want = jax.grad(functional(product_key_topk_reference), argnums=(0, 1, 2, 3))(q1, q2, c1, c2)
   for g, w in zip(got, want):
     assert float(jnp.abs(w).max()) > 0
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("per_head,chunk", [(False, 7), (True, 4), (False, 48)])
-def test_product_key_topk_chunked_matches_reference(per_head, chunk):
+@pytest.mark.parametrize("per_head,chunk,sparse", [(False, 7, True), (True, 4, True),
+                                                   (False, 48, True), (True, 4, False)])
+def test_product_key_topk_chunked_matches_reference(per_head, chunk, sparse):
   # Chunks of `chunk` rows over the flattened leading axes, with a padded last chunk.
   rng = np.random.default_rng(5)
   n, k = 16, 8
@@ -116,7 +120,7 @@ def test_product_key_topk_chunked_matches_reference(per_head, chunk):
   q1, q2 = _normal(rng, (3, 5, 4, 8)), _normal(rng, (3, 5, 4, 8))
   c1, c2 = _normal(rng, key_shape), _normal(rng, key_shape)
   probe = _normal(rng, (3, 5, 4, k))
-  chunked = lambda *a: product_key_topk(*a, chunk_size=chunk)
+  chunked = lambda *a: product_key_topk(*a, chunk_size=chunk, sparse_backward=sparse)
   s, i = jax.jit(chunked, static_argnums=4)(q1, q2, c1, c2, k)
   s_ref, i_ref = product_key_topk_reference(q1, q2, c1, c2, k)
   np.testing.assert_array_equal(i, i_ref)
@@ -129,6 +133,30 @@ def test_product_key_topk_chunked_matches_reference(per_head, chunk):
   want = jax.grad(functional(product_key_topk_reference), argnums=(0, 1, 2, 3))(q1, q2, c1, c2)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_select_last_is_take_along_axis():
+  from peer_jax.ops.product_keys import select_last
+  rng = np.random.default_rng(11)
+  v = _normal(rng, (3, 4, 64))
+  j = jnp.asarray(rng.integers(0, 64, size=(3, 4, 8)), jnp.int32)
+  np.testing.assert_array_equal(select_last(v, j), jnp.take_along_axis(v, j, axis=-1))
+  vi = jnp.asarray(rng.integers(0, 1 << 20, size=(3, 4, 16)), jnp.int32)
+  np.testing.assert_array_equal(select_last(vi, j % 16), jnp.take_along_axis(vi, j % 16, -1))
+  probe = _normal(rng, (3, 4, 8))
+  got = jax.grad(lambda a: jnp.sum(select_last(a, j) * probe))(v)
+  want = jax.grad(lambda a: jnp.sum(jnp.take_along_axis(a, j, axis=-1) * probe))(v)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_retrieval_backward_is_dense_when_building_for_tpu():
+  from peer_jax.ops import kernels
+  from peer_jax.ops.product_keys import use_sparse_backward
+  assert use_sparse_backward()  # this CPU host
+  with kernels.target_platform("tpu"):
+    assert not use_sparse_backward()
+  with kernels.target_platform("gpu"):
+    assert use_sparse_backward()
 
 
 def test_product_key_topk_jits_once():

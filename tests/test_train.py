@@ -149,3 +149,25 @@ def test_table_optimizers_train_and_only_touch_tables(table_optimizer):
   assert 0 < changed_rows.sum() <= u_before.shape[0]
   if table_optimizer == "lazy_adam":  # rows never retrieved stay exactly as they were
     assert changed_rows.sum() < u_before.shape[0]
+
+
+def test_expert_stats_off_drops_the_per_step_histogram(tmp_path):
+  # train.expert_stats=False: no per-step usage histogram (its cost on TPU: docs/scaling.md);
+  # the loss and the rest of the metrics are unchanged.
+  cfg = tiny_config("peer")
+  cfg.train.steps, cfg.train.log_every = 2, 1
+  cfg.train.expert_stats = False
+  train_and_evaluate(cfg, str(tmp_path))
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train_records = [r for r in records if "train/loss" in r]
+  assert train_records and all(np.isfinite(r["train/loss"]) for r in train_records)
+  assert not any(k.startswith("experts/") for r in train_records for k in r)
+
+
+def test_expert_stats_must_be_a_bool():
+  from peer_jax.config_validation import ConfigError, validate_config
+  cfg = tiny_config("peer")
+  with cfg.ignore_type():  # as from a hand-edited JSON config
+    cfg.train.expert_stats = "yes"
+  with pytest.raises(ConfigError, match="train.expert_stats"):
+    validate_config(cfg, num_devices=1, check_files=False)

@@ -17,8 +17,19 @@ followed by two (..., n) x (n, d/2) matmuls) `_selected_scores` re-gathers the k
 sub-key rows: dq = Σ_k ds_k · c[i_k] and dc[i_k] += ds_k · q (scatter-add of k rows per
 query). Same values and gradients as autodiff of the dense form, at O(k·d) instead of
 O(n·d) per query.
+
+Two backward forms, chosen per platform (`sparse_backward`): the sparse one above (gathers
+and scatter-adds of k rows per query) on CPU and GPU, and on TPU a dense one: the k
+cotangents are spread into a (..., n) array by comparisons, and dq, dc are two matmuls
+against it. TPU gathers and scatters of short rows are costly (each row touches a whole
+(8, 128) layout tile; XLA's cost model charged the sparse form ~5x the dense one for the
+6e18 PEER layer), while the dense form's extra FLOPs (4·n·d/2 per query half) are ~1 % of
+the layer's. For the same reason the k of k² candidates are picked by one-hot selects, not
+`take_along_axis` (on TPU a gather along a short last axis was ~100x a select in XLA's
+estimate: see docs/scaling.md).
 """
 
+import functools
 import math
 
 import jax
@@ -50,23 +61,61 @@ def _gather_keys(c, idx):
   return c.reshape(heads * n, d).at[flat].get(mode="promise_in_bounds")
 
 
-@jax.custom_vjp
-def _selected_scores(s_sel, q, c, idx):
+def select_last(v, j):
+  """v[..., j[..., m]] along the last axis, as one-hot selects (exact: one term per sum).
+
+  Same values (and, for floats, gradients) as `jnp.take_along_axis(v, j, axis=-1)`, but
+  without a gather: v (..., W), j (..., M) -> (..., M), for small W (here k or k²)."""
+  iota = lax.broadcasted_iota(j.dtype, (1,) * j.ndim + (v.shape[-1],), j.ndim)
+  hit = j[..., :, None] == iota  # (..., M, W)
+  return jnp.sum(jnp.where(hit, v[..., None, :], jnp.zeros((), v.dtype)), axis=-1)
+
+
+def use_sparse_backward() -> bool:
+  """The retrieval backward for the platform being built for: sparse except on TPU."""
+  from peer_jax.ops.kernels import backend_platform
+  return backend_platform() != "tpu"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _selected_scores(s_sel, q, c, idx, sparse):
   """Returns `s_sel` (the top-k scores q·c[idx], computed densely in the forward) with a
-  sparse VJP for q and c through the k gathered rows; `s_sel` itself gets no cotangent
-  (it comes from a stop-gradient'ed dense score matrix)."""
-  del q, c, idx
+  hand-written VJP for q and c through the k selected sub-keys; `s_sel` itself gets no
+  cotangent (it comes from a stop-gradient'ed dense score matrix). sparse: gather the k
+  rows and scatter-add into dc; else the dense (..., n) form (module docstring)."""
+  del q, c, idx, sparse
   return s_sel
 
 
-def _selected_scores_fwd(s_sel, q, c, idx):
+def _selected_scores_fwd(s_sel, q, c, idx, sparse):
+  del sparse
   return s_sel, (q, c, idx)
 
 
-def _selected_scores_bwd(res, ds):
+def _dense_backward(q, c, idx, ds, acc):
+  """dq, dc via ds spread over all n sub-keys: ds_n[..., i] = Σ_k ds_k [idx_k == i]."""
+  n = c.shape[-2]
+  iota = lax.broadcasted_iota(idx.dtype, (1,) * idx.ndim + (n,), idx.ndim)
+  ds_n = jnp.sum(jnp.where(idx[..., None] == iota, ds[..., None], jnp.zeros((), acc)),
+                 axis=-2)  # (..., [H,] n)
+  cdt = jnp.promote_types(c.dtype, q.dtype)
+  ds_n = ds_n.astype(cdt)
+  if c.ndim == 2:
+    dq = jnp.einsum("...n,nd->...d", ds_n, c.astype(cdt), preferred_element_type=acc)
+    dc = jnp.einsum("...n,...d->nd", ds_n, q.astype(cdt), preferred_element_type=acc)
+  else:
+    dq = jnp.einsum("...hn,hnd->...hd", ds_n, c.astype(cdt), preferred_element_type=acc)
+    dc = jnp.einsum("...hn,...hd->hnd", ds_n, q.astype(cdt), preferred_element_type=acc)
+  return dq, dc
+
+
+def _selected_scores_bwd(sparse, res, ds):
   q, c, idx = res
   acc = jnp.result_type(jnp.float32, q.dtype, c.dtype)
   ds = ds.astype(acc)
+  if not sparse:
+    dq, dc = _dense_backward(q, c, idx, ds, acc)
+    return None, dq.astype(q.dtype), dc.astype(c.dtype), None
   rows = _gather_keys(c, idx).astype(acc)  # (..., [H,] k, d)
   dq = jnp.einsum("...k,...kd->...d", ds, rows).astype(q.dtype)
   d = c.shape[-1]
@@ -94,23 +143,24 @@ def _check(c1, c2, k):
   return n
 
 
-def _topk_block(q1, q2, c1, c2, k, n, top_k):
+def _topk_block(q1, q2, c1, c2, k, n, top_k, sparse):
   sg = lax.stop_gradient
   s1, i1 = top_k(_half_scores(sg(q1), sg(c1)), k)  # (..., k) each
   s2, i2 = top_k(_half_scores(sg(q2), sg(c2)), k)
   # Same values; gradients only through the k selected sub-keys of each half.
-  s1 = _selected_scores(s1, q1, c1, i1)
-  s2 = _selected_scores(s2, q2, c2, i2)
+  s1 = _selected_scores(s1, q1, c1, i1, sparse)
+  s2 = _selected_scores(s2, q2, c2, i2, sparse)
   cand = s1[..., :, None] + s2[..., None, :]  # (..., k, k): row a pairs with column b
   cand = cand.reshape(*cand.shape[:-2], k * k)
   _, flat = top_k(sg(cand), k)
-  scores = jnp.take_along_axis(cand, flat, axis=-1)
-  rows = jnp.take_along_axis(i1, flat // k, axis=-1)
-  cols = jnp.take_along_axis(i2, flat % k, axis=-1)
+  scores = select_last(cand, flat)
+  rows = select_last(i1, flat // k)
+  cols = select_last(i2, flat % k)
   return scores, (rows * n + cols).astype(jnp.int32)
 
 
-def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None):
+def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None,
+                     sparse_backward=None):
   """Exact top-k over the n² product keys.
 
   Args:
@@ -125,6 +175,10 @@ def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None)
       (rows, n) sub-key scores, the largest temporaries, exist for one chunk at a time
       and peak memory does not grow with the number of tokens. Same results. Meant for
       single-device programs: a sharded token axis would be regathered by the reshape.
+    sparse_backward: the form of the sub-key / query gradients (same values): True gathers
+      and scatter-adds the k selected rows, False spreads the cotangents over the n
+      sub-keys and uses two matmuls; None picks per platform (`use_sparse_backward`:
+      dense on TPU).
 
   Returns:
     scores: (..., k) in descending order.
@@ -132,14 +186,15 @@ def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None)
   """
   n = _check(c1, c2, k)
   top_k = fast_topk.top_k if fast_cpu_topk else lax.top_k
+  sparse = use_sparse_backward() if sparse_backward is None else bool(sparse_backward)
   kept = 2 if c1.ndim == 3 else 1  # trailing query axes of one row: ([H,] d/2)
   lead = q1.shape[:-kept]
   num_rows = math.prod(lead)
   if chunk_size is None or num_rows <= chunk_size:
-    return _topk_block(q1, q2, c1, c2, k, n, top_k)
+    return _topk_block(q1, q2, c1, c2, k, n, top_k, sparse)
   rows = lambda q: q.reshape(num_rows, *q.shape[-kept:])
   # Padded zero rows of the last chunk are sliced away (no gradient).
-  scores, idx = map_chunks(lambda qs: _topk_block(qs[0], qs[1], c1, c2, k, n, top_k),
+  scores, idx = map_chunks(lambda qs: _topk_block(qs[0], qs[1], c1, c2, k, n, top_k, sparse),
                            (rows(q1), rows(q2)), int(chunk_size))
   out_shape = lead + scores.shape[1:]
   return scores.reshape(out_shape), idx.reshape(out_shape)
