@@ -91,7 +91,8 @@ def test_product_key_topk_rejects_bad_shapes():
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_product_key_topk_gradients_match_reference(per_head, sparse):
-  # Both backward forms (sparse: CPU / GPU; dense: TPU) against autodiff of brute force.
+  # Both forms (short gathers: CPU / GPU; one-hot selects, dense backward: TPU) against
+  # autodiff of brute force.
   rng = np.random.default_rng(3)
   n, k = 16, 8
   key_shape = (4, n, 8) if per_head else (n, 8)
@@ -102,7 +103,7 @@ def test_product_key_topk_gradients_match_reference(per_head, sparse):
   def functional(fn):
     return lambda *args: jnp.sum(fn(*args, k)[0] * probe)
 
-  pk = lambda *a: product_key_topk(*a, sparse_backward=sparse)
+  pk = lambda *a: product_key_topk(*a, short_gathers=sparse)
   got = jax.grad(functional(pk), argnums=(0, 1, 2, 3))(q1, q2, c1, c2)
   want = jax.grad(functional(product_key_topk_reference), argnums=(0, 1, 2, 3))(q1, q2, c1, c2)
   for g, w in zip(got, want):
@@ -120,7 +121,7 @@ def test_product_key_topk_chunked_matches_reference(per_head, chunk, sparse):
   q1, q2 = _normal(rng, (3, 5, 4, 8)), _normal(rng, (3, 5, 4, 8))
   c1, c2 = _normal(rng, key_shape), _normal(rng, key_shape)
   probe = _normal(rng, (3, 5, 4, k))
-  chunked = lambda *a: product_key_topk(*a, chunk_size=chunk, sparse_backward=sparse)
+  chunked = lambda *a: product_key_topk(*a, chunk_size=chunk, short_gathers=sparse)
   s, i = jax.jit(chunked, static_argnums=4)(q1, q2, c1, c2, k)
   s_ref, i_ref = product_key_topk_reference(q1, q2, c1, c2, k)
   np.testing.assert_array_equal(i, i_ref)
@@ -149,14 +150,14 @@ def test_select_last_is_take_along_axis():
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_retrieval_backward_is_dense_when_building_for_tpu():
+def test_retrieval_avoids_short_gathers_when_building_for_tpu():
   from peer_jax.ops import kernels
-  from peer_jax.ops.product_keys import use_sparse_backward
-  assert use_sparse_backward()  # this CPU host
+  from peer_jax.ops.product_keys import use_short_gathers
+  assert use_short_gathers()  # this CPU host
   with kernels.target_platform("tpu"):
-    assert not use_sparse_backward()
+    assert not use_short_gathers()
   with kernels.target_platform("gpu"):
-    assert use_sparse_backward()
+    assert use_short_gathers()
 
 
 def test_product_key_topk_jits_once():

@@ -18,15 +18,15 @@ sub-key rows: dq = Σ_k ds_k · c[i_k] and dc[i_k] += ds_k · q (scatter-add of 
 query). Same values and gradients as autodiff of the dense form, at O(k·d) instead of
 O(n·d) per query.
 
-Two backward forms, chosen per platform (`sparse_backward`): the sparse one above (gathers
-and scatter-adds of k rows per query) on CPU and GPU, and on TPU a dense one: the k
-cotangents are spread into a (..., n) array by comparisons, and dq, dc are two matmuls
-against it. TPU gathers and scatters of short rows are costly (each row touches a whole
-(8, 128) layout tile; XLA's cost model charged the sparse form ~5x the dense one for the
-6e18 PEER layer), while the dense form's extra FLOPs (4·n·d/2 per query half) are ~1 % of
-the layer's. For the same reason the k of k² candidates are picked by one-hot selects, not
-`take_along_axis` (on TPU a gather along a short last axis was ~100x a select in XLA's
-estimate: see docs/scaling.md).
+Two forms, chosen per platform (`short_gathers`). On CPU and GPU: the sparse backward
+above (gathers and scatter-adds of k rows per query), and `take_along_axis` to pick the k
+of k² candidates. On TPU, where every gathered or scattered short row costs a whole
+(8, 128) layout tile, neither: the k cotangents are spread into a (..., n) array by
+comparisons and dq, dc are two matmuls against it (XLA's cost model charged the sparse
+form ~5x as many bytes; the extra FLOPs, 4·n·d/2 per query half, are ~1 % of the layer's),
+and the candidates are picked by one-hot selects (a `take_along_axis` along a short last
+axis cost ~100x a select in XLA's estimate; docs/scaling.md). On CPU the TPU form makes
+the retrieval's fwd+bwd ~3x slower (2048 tokens, 8 heads, n = 1024), hence the switch.
 """
 
 import functools
@@ -61,18 +61,21 @@ def _gather_keys(c, idx):
   return c.reshape(heads * n, d).at[flat].get(mode="promise_in_bounds")
 
 
-def select_last(v, j):
+def select_last(v, j, gather: bool = False):
   """v[..., j[..., m]] along the last axis, as one-hot selects (exact: one term per sum).
 
   Same values (and, for floats, gradients) as `jnp.take_along_axis(v, j, axis=-1)`, but
-  without a gather: v (..., W), j (..., M) -> (..., M), for small W (here k or k²)."""
+  without a gather: v (..., W), j (..., M) -> (..., M), for small W (here k or k²).
+  gather=True: `take_along_axis` itself (cheaper on CPU)."""
+  if gather:
+    return jnp.take_along_axis(v, j, axis=-1)
   iota = lax.broadcasted_iota(j.dtype, (1,) * j.ndim + (v.shape[-1],), j.ndim)
   hit = j[..., :, None] == iota  # (..., M, W)
   return jnp.sum(jnp.where(hit, v[..., None, :], jnp.zeros((), v.dtype)), axis=-1)
 
 
-def use_sparse_backward() -> bool:
-  """The retrieval backward for the platform being built for: sparse except on TPU."""
+def use_short_gathers() -> bool:
+  """Whether the platform being built for gathers short rows cheaply: all but TPU."""
   from peer_jax.ops.kernels import backend_platform
   return backend_platform() != "tpu"
 
@@ -153,14 +156,14 @@ def _topk_block(q1, q2, c1, c2, k, n, top_k, sparse):
   cand = s1[..., :, None] + s2[..., None, :]  # (..., k, k): row a pairs with column b
   cand = cand.reshape(*cand.shape[:-2], k * k)
   _, flat = top_k(sg(cand), k)
-  scores = select_last(cand, flat)
-  rows = select_last(i1, flat // k)
-  cols = select_last(i2, flat % k)
+  scores = select_last(cand, flat, sparse)
+  rows = select_last(i1, flat // k, sparse)
+  cols = select_last(i2, flat % k, sparse)
   return scores, (rows * n + cols).astype(jnp.int32)
 
 
 def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None,
-                     sparse_backward=None):
+                     short_gathers=None):
   """Exact top-k over the n² product keys.
 
   Args:
@@ -175,10 +178,11 @@ def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None,
       (rows, n) sub-key scores, the largest temporaries, exist for one chunk at a time
       and peak memory does not grow with the number of tokens. Same results. Meant for
       single-device programs: a sharded token axis would be regathered by the reshape.
-    sparse_backward: the form of the sub-key / query gradients (same values): True gathers
-      and scatter-adds the k selected rows, False spreads the cotangents over the n
-      sub-keys and uses two matmuls; None picks per platform (`use_sparse_backward`:
-      dense on TPU).
+    short_gathers: True gathers short rows (`take_along_axis` for the candidates; the
+      backward gathers and scatter-adds the k selected sub-key rows); False does neither
+      (one-hot selects; the backward spreads the cotangents over the n sub-keys and uses
+      two matmuls). Same values and gradients. None picks per platform
+      (`use_short_gathers`: False on TPU).
 
   Returns:
     scores: (..., k) in descending order.
@@ -186,7 +190,7 @@ def product_key_topk(q1, q2, c1, c2, k, *, fast_cpu_topk=False, chunk_size=None,
   """
   n = _check(c1, c2, k)
   top_k = fast_topk.top_k if fast_cpu_topk else lax.top_k
-  sparse = use_sparse_backward() if sparse_backward is None else bool(sparse_backward)
+  sparse = use_short_gathers() if short_gathers is None else bool(short_gathers)
   kept = 2 if c1.ndim == 3 else 1  # trailing query axes of one row: ([H,] d/2)
   lead = q1.shape[:-kept]
   num_rows = math.prod(lead)
