@@ -101,6 +101,17 @@ class Block(nnx.Module):
     return x_BTD + y_BTD.astype(x_BTD.dtype), cache
 
 
+def remat_policy():
+  """What model.remat keeps from a block's forward: only the expert layers' small routing
+  arrays (product-key top-k values and indices) and the sharded bank's (T, h·k)
+  pre-activations, ~12 bytes per token and retrieval. Everything else is recomputed; with
+  these kept the backward repeats neither the sub-key scores and sorts nor the u-row
+  gathers (docs/scaling.md)."""
+  from peer_jax.ops.product_keys import ROUTING_NAME
+  from peer_jax.ops.sharded_experts import PRE_NAME
+  return jax.checkpoint_policies.save_only_these_names(ROUTING_NAME, PRE_NAME)
+
+
 def _run_block(block: Block, x_BTD, positions_BT, segment_ids_BT, train: bool):
   return block(x_BTD, positions_BT, segment_ids_BT, train)
 
@@ -137,7 +148,8 @@ class Transformer(nnx.Module):
     act_names = ("batch", "length", "embed")
     x_BTD = sharding.constrain(x_BTD, act_names)
     # Rematerialise each block: its activations are recomputed in the backward pass.
-    run = nnx.remat(_run_block, static_argnums=(4,)) if self.remat else _run_block
+    run = (nnx.remat(_run_block, static_argnums=(4,), policy=remat_policy()) if self.remat
+           else _run_block)
     aux = {}
     for i in range(self.num_layers):
       x_BTD, block_aux = run(getattr(self, f"block_{i}"), x_BTD, positions_BT, segment_ids_BT,

@@ -102,3 +102,65 @@ def test_expert_layer_indices(spec, expected):
 def test_expert_layer_indices_rejects_out_of_range():
   with pytest.raises(ValueError, match="model.ffw_layers"):
     expert_layer_indices("12", 12)
+
+
+def _count(jaxpr_text: str, prim: str) -> int:
+  return jaxpr_text.count(f" {prim}[")
+
+
+def test_remat_keeps_the_routing_of_expert_layers():
+  # model.remat recomputes the blocks' forward, but not PEER's retrieval: the policy keeps
+  # the product-key top-k outputs, so the gradient has as many top-k ops as without remat,
+  # and the same values and gradients.
+  cfg = tiny_config("peer")
+  cfg.model.peer.query_norm = "rmsnorm"
+  tokens = _tokens((2, 16), vocab=cfg.model.vocab_size)
+  plain = _model(cfg)
+  cfg.model.remat = True
+  remat = _model(cfg)
+
+  def loss(model):
+    logits, _ = model(tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+  la, ga = nnx.value_and_grad(loss)(plain)
+  lb, gb = nnx.value_and_grad(loss)(remat)
+  np.testing.assert_allclose(la, lb, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  graphdef, params = nnx.split(remat)
+  text = lambda m: str(jax.make_jaxpr(lambda p: jax.grad(
+      lambda q: loss(nnx.merge(graphdef, q)))(p))(params))
+  gd_plain, p_plain = nnx.split(plain)
+  plain_text = str(jax.make_jaxpr(lambda p: jax.grad(
+      lambda q: loss(nnx.merge(gd_plain, q)))(p))(p_plain))
+  remat_text = text(remat)
+  assert "checkpoint" in remat_text or "remat" in remat_text  # remat is really on
+  assert _count(remat_text, "top_k") == _count(plain_text, "top_k") > 0
+
+
+def test_remat_policy_keeps_the_sharded_banks_pre_activations():
+  # Under the policy the backward of the D-sharded bank does not re-gather u rows.
+  from jax.sharding import Mesh
+  from peer_jax.model import remat_policy
+  from peer_jax.ops.sharded_experts import sharded_peer_experts
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+  idx = jnp.asarray(rng.integers(0, 64, size=(8, 2, 4)), jnp.int32)
+  w = jnp.asarray(rng.random((8, 2, 4)), jnp.float32)
+  u, v = (jnp.asarray(rng.normal(size=(64, 16)), jnp.float32) for _ in range(2))
+  probe = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+  # As in a block: the bank's output only feeds the residual sum, so its backward needs
+  # the residuals of the bank, not its output.
+  bank = lambda x, u, v: x + sharded_peer_experts(jnp.tanh(x), idx, w, u, v, mesh=mesh,
+                                                  chunk_size=4)
+  def gathers(policy):
+    f = jax.checkpoint(bank, policy=policy)
+    g = jax.grad(lambda *a: jnp.sum(f(*a) * probe), argnums=(0, 1, 2))
+    return _count(str(jax.make_jaxpr(g)(x, u, v)), "gather"), g(x, u, v)
+  n_saved, g_saved = gathers(remat_policy())
+  n_full, g_full = gathers(None)
+  assert n_saved < n_full
+  for a, b in zip(g_saved, g_full):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

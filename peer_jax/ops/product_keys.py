@@ -35,6 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from peer_jax.ops import fast_topk
 from peer_jax.ops.chunking import map_chunks
@@ -59,6 +60,9 @@ def _gather_keys(c, idx):
   heads, n, d = c.shape
   flat = idx + (jnp.arange(heads, dtype=idx.dtype) * n)[:, None]  # row h*n + i of (H*n, d)
   return c.reshape(heads * n, d).at[flat].get(mode="promise_in_bounds")
+
+
+ROUTING_NAME = "expert_routing"  # checkpoint name of the retrieval's small outputs
 
 
 def select_last(v, j, gather: bool = False):
@@ -150,12 +154,16 @@ def _topk_block(q1, q2, c1, c2, k, n, top_k, sparse):
   sg = lax.stop_gradient
   s1, i1 = top_k(_half_scores(sg(q1), sg(c1)), k)  # (..., k) each
   s2, i2 = top_k(_half_scores(sg(q2), sg(c2)), k)
+  # Under remat (model.remat) these small arrays are kept, so the backward pass does not
+  # recompute the dense scores and their sorts (peer_jax.model.REMAT_SAVED).
+  s1, i1, s2, i2 = (checkpoint_name(a, ROUTING_NAME) for a in (s1, i1, s2, i2))
   # Same values; gradients only through the k selected sub-keys of each half.
   s1 = _selected_scores(s1, q1, c1, i1, sparse)
   s2 = _selected_scores(s2, q2, c2, i2, sparse)
   cand = s1[..., :, None] + s2[..., None, :]  # (..., k, k): row a pairs with column b
   cand = cand.reshape(*cand.shape[:-2], k * k)
   _, flat = top_k(sg(cand), k)
+  flat = checkpoint_name(flat, ROUTING_NAME)
   scores = select_last(cand, flat, sparse)
   rows = select_last(i1, flat // k, sparse)
   cols = select_last(i2, flat % k, sparse)

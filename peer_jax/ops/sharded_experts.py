@@ -34,11 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from peer_jax.ops.chunking import (acc_dtype, check_routing, clamp_chunk, flat_routing,
                                    from_chunks, hidden, map_chunks, to_chunks)
 from peer_jax.ops.experts import DEFAULT_CHUNK_SIZE
+
+
+PRE_NAME = "expert_pre"  # checkpoint name of the bank's (T, M) pre-activations
 
 
 def _psum(x, axes):
@@ -149,6 +153,9 @@ def _bank(fwd_body, bwd_body, mesh, token_axes, model_axes, num_ins):
 
   def bank_fwd(x_TD, idx_TM, w_TM, *tables):
     y_TD, *pre = fwd_map(x_TD, idx_TM, w_TM, *tables)
+    # Kept under remat (peer_jax.model.REMAT_SAVED): the backward then does not re-gather
+    # the u rows to recompute them.
+    pre = [checkpoint_name(p, PRE_NAME) for p in pre]
     return y_TD, (x_TD, idx_TM, w_TM, tuple(pre), tables)
 
   def bank_bwd(res, dy_TD):
