@@ -22,18 +22,28 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 from absl import app, flags
 
-flags.DEFINE_string("topology", "v5p-32", "TPU slice whose first device the probes target.")
-flags.DEFINE_string("json", None, "Also write the results as JSON here.")
+
+
+def _define_flags():
+  """Flags are defined only when run as a script (importing this module defines none)."""
+  flags.DEFINE_string("topology", "v5p-32", "TPU slice whose first device the probes target.")
+  flags.DEFINE_string("json", None, "Also write the results as JSON here.")
+
 
 B, T, H_LOCAL, K, N_SUB, HALF = 32, 2048, 2, 16, 1024, 128
 
 
-def probes():
-  """{name: (function, [(shape, dtype), ...])}: each pair's TPU form after the one it replaced."""
+def probes(device):
+  """{name: (function, [(shape, dtype), ...])}: each pair's TPU form after the one it
+  replaced. device: the TPU device the probes are compiled for (the bank's 1-device mesh)."""
+  import jax
   import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh
   from jax import lax
   from peer_jax.expert_stats import accumulate_expert_weights, expert_unevenness, expert_usage
   from peer_jax.ops.product_keys import _dense_backward, select_last
+  from peer_jax.ops.sharded_experts import sharded_peer_experts
 
   bf, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
   lead = (B, T, H_LOCAL)
@@ -53,7 +63,20 @@ def probes():
     return expert_usage(z), expert_unevenness(z)
 
   slots = ((B * T * 8 * K,), i32), ((B * T * 8 * K,), f32)  # every head's retrievals
+
+  mesh = Mesh(np.array([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+
+  def bank_grad(x, idx, w, u, v):
+    # The D-sharded bank on one device's slice (D/t = 256 of 1024): gathers, scatter-adds.
+    loss = lambda x, w, u, v: jnp.sum(sharded_peer_experts(x, idx, w, u, v, mesh=mesh)
+                                      .astype(f32) ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, u, v)
+
+  tokens, d_local, n_rows = B * T, 256, N_SUB * N_SUB
+  bank = [((tokens, d_local), bf), ((tokens, 8, K), i32), ((tokens, 8, K), f32),
+          ((n_rows, d_local), f32), ((n_rows, d_local), f32)]
   return {
+      "expert bank fwd+bwd, XLA path (walker calibrated here)": (bank_grad, bank),
       "candidates: take_along_axis (replaced)":
           (lambda v, j: jnp.take_along_axis(v, j, axis=-1), [cand, pick]),
       "candidates: one-hot select (TPU form)": (select_last, [cand, pick]),
@@ -76,7 +99,7 @@ def main(argv):
   where = SingleDeviceSharding(devices[0])
   out = {}
   with kernels.target_platform("tpu"):
-    for name, (fn, shapes) in probes().items():
+    for name, (fn, shapes) in probes(devices[0]).items():
       args = [jax.ShapeDtypeStruct(s, d, sharding=where) for s, d in shapes]
       compiled = jax.jit(fn).lower(*args).compile()
       xla = float(compiled.cost_analysis()["bytes accessed"])
@@ -89,4 +112,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _define_flags()
+  from peer_jax.cli import parse_flags
+  app.run(main, flags_parser=parse_flags)
