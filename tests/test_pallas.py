@@ -57,3 +57,23 @@ def test_values_and_gradients_match_reference(case):
   t, d, h, k, n, dt, bt, br, chunk, act = case
   pallas = lambda *a: peer_experts_pallas(*a, block_tokens=bt, block_rows=br, chunk_pairs=chunk)
   check_values_and_gradients(pallas, expert_inputs(1, t, d, h, k, n, dt), dt, act)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_row_kernels_of_the_sharded_bank_match_gathers(dtype):
+  # ops/pallas_rows.py (the bank's per-shard gathers on TPU), interpret mode, against
+  # jnp.take: a padded last token block, repeated ids, 16-bit tables through the word view.
+  import numpy as np
+  from peer_jax.ops.pallas_rows import pair_dots, weighted_rows
+  rng = np.random.default_rng(7)
+  t, m, n, d = 21, 8, 32, 16
+  table = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  idx = jnp.asarray(rng.integers(0, n, size=(t, m)), jnp.int32).at[0, :2].set(5)
+  src = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  coef = jnp.asarray(rng.normal(size=(t, m)), jnp.float32)
+  rows = jnp.take(table, idx, axis=0).astype(jnp.float32)
+  got_d = pair_dots(table, idx, src, block_tokens=8, ring=3, interpret=True)
+  got_w = weighted_rows(table, idx, coef, block_tokens=8, ring=3, interpret=True)
+  assert got_d.shape == (t, m) and got_w.shape == (t, d)
+  np.testing.assert_allclose(got_d, jnp.einsum("td,tmd->tm", src, rows), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_w, jnp.einsum("tm,tmd->td", coef, rows), rtol=1e-5, atol=1e-5)

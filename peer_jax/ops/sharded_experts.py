@@ -97,7 +97,8 @@ class _Prims:
     if self.impl == "pallas_gpu":
       from peer_jax.ops.pallas_experts_gpu import pair_dots
       return pair_dots(table_ND, idx_TM, src_TD, interpret=self.interpret)
-    return _row_dots(src_TD, idx_TM, table_ND, cs, jnp.float32)   # pallas_tpu: XLA gathers
+    from peer_jax.ops.pallas_rows import pair_dots   # pallas_tpu: row DMAs, no tile gathers
+    return pair_dots(table_ND, idx_TM, src_TD, interpret=self.interpret)
 
   def rows(self, table_ND, idx_TM, coef_TM, cs):
     """(T, D/t) f32: Σ_m coef[t, m] · table[idx[t, m]]."""
@@ -107,7 +108,8 @@ class _Prims:
     if self.impl == "pallas_gpu":
       from peer_jax.ops.pallas_experts_gpu import weighted_rows
       return weighted_rows(table_ND, idx_TM, coef_TM, interpret=self.interpret)
-    return _weighted_rows(coef_TM.astype(jnp.float32), idx_TM, table_ND, cs, jnp.float32)
+    from peer_jax.ops.pallas_rows import weighted_rows
+    return weighted_rows(table_ND, idx_TM, coef_TM, interpret=self.interpret)
 
   def table_grads(self, idx_TM, pairs, n, dtypes):
     """Per (a_TM, src_TD) in `pairs`: the (N, D/t) f32 sum of a·src[tok] per expert id."""
@@ -331,8 +333,9 @@ def sharded_peer_experts(x, indices, weights, u, v, activation=jax.nn.gelu, *, m
     impl: the per-shard implementation, resolved by `peer_jax.ops.kernels.resolve_kernel`:
       "xla" (chunked gathers and scatter-adds), "cpu_ffi" (the fused FFI kernels on each
       shard's slice), "pallas_gpu" (the three Triton kernels one by one), "pallas_tpu"
-      (with model axes: XLA gathers and the TPU row-backward kernel for the table
-      gradients; without: the whole fused Mosaic kernel per shard). Pallas: no GLU.
+      (with model axes: the Mosaic row kernels of ops/pallas_rows.py for the gathers and
+      the TPU row-backward kernel for the table gradients; without: the whole fused
+      Mosaic kernel per shard). Pallas: no GLU.
     interpret: run a Pallas impl in interpret mode (tests on CPU).
 
   Returns:
