@@ -1,7 +1,7 @@
 """The expert-major row backward of the Pallas TPU expert path (pallas_experts.py): the
 table gradients du, dv as sorted segment sums, no atomics and no scatter.
 
-The (token, slot) pairs are sorted by expert id outside the kernel (`jnp.argsort`, XLA),
+The (token, slot) pairs are sorted by expert id outside the kernel (one `lax.sort`, XLA),
 and `jnp.searchsorted` gives each block of `block_rows` table rows its segment of sorted
 pairs (scalar-prefetched). The kernel walks its segment in chunks of `chunk_pairs`
 (metadata DMA'd into SMEM, x / dy rows DMA'd into VMEM, the next chunk in flight while the
@@ -111,11 +111,14 @@ def _table_grads(idx_TM, a_TM, b_TM, x_TD, dy_TD, n, du_dtype, dv_dtype,
   d = x_TD.shape[1]
   br = min(block_rows, _round_up(n, 8))
   n_pad = _round_up(n, br)
-  # Sort the (token, slot) pairs by expert id (XLA); one segment per block of rows.
-  ids = idx_TM.reshape(-1)
-  order = jnp.argsort(ids, stable=True).astype(jnp.int32)
-  sid = ids[order]
+  # Sort the (token, slot) pairs by expert id (XLA); one segment per block of rows. One
+  # stable sort carries the payloads: argsort + gathers by the order would gather 8M
+  # scalars three times, which TPU charges a whole layout tile each (docs/scaling.md).
   pairs = t * m
+  tok = lax.broadcasted_iota(jnp.int32, (t, m), 0).reshape(-1)
+  sid, stok, sa, sb = lax.sort((idx_TM.reshape(-1).astype(jnp.int32), tok,
+                                a_TM.reshape(-1), b_TM.reshape(-1)),
+                               num_keys=1, is_stable=True)
   pad = lambda a: jnp.pad(a, (0, _round_up(pairs, chunk) + chunk - pairs))  # chunk DMAs in bounds
   bounds = jnp.arange(0, n_pad + 1, br, dtype=jnp.int32)
   off = jnp.searchsorted(sid, bounds, side="left").astype(jnp.int32)
@@ -141,8 +144,7 @@ def _table_grads(idx_TM, a_TM, b_TM, x_TD, dy_TD, n, du_dtype, dv_dtype,
                  jax.ShapeDtypeStruct((n_pad, d), dv_dtype)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       cost_estimate=cost, interpret=interpret,
-  )(off, pad(sid), pad(order // m), pad(a_TM.reshape(-1)[order]), pad(b_TM.reshape(-1)[order]),
-    x_TD, dy_TD)
+  )(off, pad(sid), pad(stok), pad(sa), pad(sb), x_TD, dy_TD)
   if n_pad != n:
     du, dv = du[:n], dv[:n]
   return du, dv
@@ -154,7 +156,8 @@ def table_grads(idx_TM, a_TM, x_TD, b_TM, dy_TD, n, du_dtype, dv_dtype, *, inter
 
   For the sharded bank (ops/sharded_experts.py): the token-major TPU kernels fuse the pair
   dots with the weighted sum, so they cannot host the bank's psum in between; the bank
-  uses XLA gathers there and this kernel for the table gradients. Not differentiable.
+  uses the row kernels of pallas_rows.py there and this kernel for the table gradients.
+  Not differentiable.
   """
   return _table_grads(idx_TM, a_TM.astype(jnp.float32), b_TM.astype(jnp.float32),
                       x_TD.astype(jnp.float32), dy_TD.astype(jnp.float32), n, du_dtype,
