@@ -33,13 +33,11 @@ def _define_flags():
 B, T, H_LOCAL, K, N_SUB, HALF = 32, 2048, 2, 16, 1024, 128
 
 
-def probes(device):
+def probes(mesh):
   """{name: (function, [(shape, dtype), ...])}: each pair's TPU form after the one it
-  replaced. device: the TPU device the probes are compiled for (the bank's 1-device mesh)."""
+  replaced. mesh: a 1-device mesh of the TPU device the probes are compiled for."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import Mesh
   from jax import lax
   from peer_jax.expert_stats import accumulate_expert_weights, expert_unevenness, expert_usage
   from peer_jax.ops.product_keys import _dense_backward, select_last
@@ -64,19 +62,21 @@ def probes(device):
 
   slots = ((B * T * 8 * K,), i32), ((B * T * 8 * K,), f32)  # every head's retrievals
 
-  mesh = Mesh(np.array([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-
-  def bank_grad(x, idx, w, u, v):
-    # The D-sharded bank on one device's slice (D/t = 256 of 1024): gathers, scatter-adds.
-    loss = lambda x, w, u, v: jnp.sum(sharded_peer_experts(x, idx, w, u, v, mesh=mesh)
-                                      .astype(f32) ** 2)
-    return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, u, v)
+  def bank_grad(impl):
+    # The D-sharded bank on one device's slice (D/t = 256 of 1024).
+    def grad(x, idx, w, u, v):
+      loss = lambda x, w, u, v: jnp.sum(sharded_peer_experts(x, idx, w, u, v, mesh=mesh,
+                                                             impl=impl).astype(f32) ** 2)
+      return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, u, v)
+    return grad
 
   tokens, d_local, n_rows = B * T, 256, N_SUB * N_SUB
   bank = [((tokens, d_local), bf), ((tokens, 8, K), i32), ((tokens, 8, K), f32),
           ((n_rows, d_local), f32), ((n_rows, d_local), f32)]
   return {
-      "expert bank fwd+bwd, XLA path (walker calibrated here)": (bank_grad, bank),
+      "expert bank fwd+bwd, XLA path (walker calibrated here)": (bank_grad("xla"), bank),
+      "expert bank fwd+bwd, Pallas path (row kernels, table_grads)":
+          (bank_grad("pallas_tpu"), bank),
       "candidates: take_along_axis (replaced)":
           (lambda v, j: jnp.take_along_axis(v, j, axis=-1), [cand, pick]),
       "candidates: one-hot select (TPU form)": (select_last, [cand, pick]),
@@ -91,15 +91,18 @@ def probes(device):
 def main(argv):
   del argv
   import jax
-  from jax.sharding import SingleDeviceSharding
+  import numpy as np
+  from jax.sharding import Mesh, SingleDeviceSharding
   import compile_tpu
   from peer_jax import hlo_bytes
   from peer_jax.ops import kernels
   _, _, devices = compile_tpu.topology_devices(flags.FLAGS.topology)
   where = SingleDeviceSharding(devices[0])
+  mesh = Mesh(np.array(devices[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
   out = {}
-  with kernels.target_platform("tpu"):
-    for name, (fn, shapes) in probes(devices[0]).items():
+  # The mesh context tells the Pallas TPU lowering which chip it compiles for.
+  with kernels.target_platform("tpu"), jax.sharding.set_mesh(mesh):
+    for name, (fn, shapes) in probes(mesh).items():
       args = [jax.ShapeDtypeStruct(s, d, sharding=where) for s, d in shapes]
       compiled = jax.jit(fn).lower(*args).compile()
       xla = float(compiled.cost_analysis()["bytes accessed"])
