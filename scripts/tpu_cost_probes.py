@@ -40,21 +40,13 @@ def probes(mesh):
   import jax.numpy as jnp
   from jax import lax
   from peer_jax.expert_stats import accumulate_expert_weights, expert_unevenness, expert_usage
-  from peer_jax.ops.product_keys import _dense_backward, select_last
+  from peer_jax.ops.product_keys import _dense_backward, _sparse_backward, select_last
   from peer_jax.ops.sharded_experts import sharded_peer_experts
 
   bf, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
   lead = (B, T, H_LOCAL)
   cand, pick = ((*lead, K * K), bf), ((*lead, K), i32)
   q, c, ds = ((*lead, HALF), bf), ((N_SUB, HALF), bf), ((*lead, K), f32)
-
-  def sparse_backward(q, c, idx, ds):
-    rows = c.at[idx].get(mode="promise_in_bounds").astype(f32)
-    dq = jnp.einsum("...k,...kd->...d", ds, rows)
-    per_row = ds[..., None] * q.astype(f32)[..., None, :]
-    dc = jnp.zeros(c.shape, f32).at[idx.reshape(-1)].add(per_row.reshape(-1, HALF),
-                                                          mode="promise_in_bounds")
-    return dq, dc
 
   def stats(i, w):
     z = accumulate_expert_weights(i, w, N_SUB * N_SUB)
@@ -80,7 +72,8 @@ def probes(mesh):
       "candidates: take_along_axis (replaced)":
           (lambda v, j: jnp.take_along_axis(v, j, axis=-1), [cand, pick]),
       "candidates: one-hot select (TPU form)": (select_last, [cand, pick]),
-      "sub-key backward: gather + scatter-add (replaced)": (sparse_backward, [q, c, pick, ds]),
+      "sub-key backward: gather + scatter-add (replaced)":
+          (lambda q, c, i, d: _sparse_backward(q, c, i, d, f32), [q, c, pick, ds]),
       "sub-key backward: dense, two matmuls (TPU form)":
           (lambda q, c, i, d: _dense_backward(q, c, i, d, f32), [q, c, pick, ds]),
       "sub-key top-k: lax.top_k over n": (lambda s: lax.top_k(s, K), [((*lead, N_SUB), bf)]),

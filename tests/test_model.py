@@ -49,8 +49,10 @@ def test_packed_documents_do_not_see_each_other(cfg):
   np.testing.assert_allclose(a[:, 8:], alone, atol=1e-4)
 
 
-def test_remat_matches_plain(cfg):
-  tokens = _tokens((2, 16))
+def _remat_against_plain(cfg):
+  """(plain model, remat model, loss fn), after checking that both give the same loss and
+  gradients."""
+  tokens = _tokens((2, 16), vocab=cfg.model.vocab_size)
   plain = _model(cfg)
   cfg.model.remat = True
   remat = _model(cfg)
@@ -64,6 +66,11 @@ def test_remat_matches_plain(cfg):
   np.testing.assert_allclose(la, lb, rtol=1e-6)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  return plain, remat, loss
+
+
+def test_remat_matches_plain(cfg):
+  _remat_against_plain(cfg)
 
 
 def test_bfloat16_compute_keeps_f32_params(cfg):
@@ -108,35 +115,22 @@ def _count(jaxpr_text: str, prim: str) -> int:
   return jaxpr_text.count(f" {prim}[")
 
 
+def _grad_jaxpr(model, loss) -> str:
+  graphdef, params = nnx.split(model)
+  return str(jax.make_jaxpr(lambda p: jax.grad(lambda q: loss(nnx.merge(graphdef, q)))(p))(
+      params))
+
+
 def test_remat_keeps_the_routing_of_expert_layers():
   # model.remat recomputes the blocks' forward, but not PEER's retrieval: the policy keeps
   # the product-key top-k outputs, so the gradient has as many top-k ops as without remat,
   # and the same values and gradients.
   cfg = tiny_config("peer")
   cfg.model.peer.query_norm = "rmsnorm"
-  tokens = _tokens((2, 16), vocab=cfg.model.vocab_size)
-  plain = _model(cfg)
-  cfg.model.remat = True
-  remat = _model(cfg)
-
-  def loss(model):
-    logits, _ = model(tokens)
-    return jnp.mean(jax.nn.logsumexp(logits, -1))
-
-  la, ga = nnx.value_and_grad(loss)(plain)
-  lb, gb = nnx.value_and_grad(loss)(remat)
-  np.testing.assert_allclose(la, lb, rtol=1e-6)
-  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-  graphdef, params = nnx.split(remat)
-  text = lambda m: str(jax.make_jaxpr(lambda p: jax.grad(
-      lambda q: loss(nnx.merge(graphdef, q)))(p))(params))
-  gd_plain, p_plain = nnx.split(plain)
-  plain_text = str(jax.make_jaxpr(lambda p: jax.grad(
-      lambda q: loss(nnx.merge(gd_plain, q)))(p))(p_plain))
-  remat_text = text(remat)
+  plain, remat, loss = _remat_against_plain(cfg)
+  remat_text = _grad_jaxpr(remat, loss)
   assert "checkpoint" in remat_text or "remat" in remat_text  # remat is really on
-  assert _count(remat_text, "top_k") == _count(plain_text, "top_k") > 0
+  assert _count(remat_text, "top_k") == _count(_grad_jaxpr(plain, loss), "top_k") > 0
 
 
 def test_remat_policy_keeps_the_sharded_banks_pre_activations():

@@ -30,36 +30,32 @@ from peer_jax.ops.pallas_experts import (DEFAULT_BLOCK_TOKENS, DEFAULT_RING, _co
                                          _to_rows3, _token_ring)
 
 
-def _dots_kernel(block_tokens, m, ring, packed, idx_ref, idxv_ref, src_ref, table_hbm,
-                 out_ref, buf, sems, src_s, idxv_s, out_s):
-  d = src_ref.shape[1]
-  _to_rows3(src_ref, src_s)
+def _dot_rows(rows_MD, src_1D):
+  """(1, M): src · each row (pair_dots)."""
+  return _col_to_row(jnp.sum(rows_MD * src_1D, axis=1, keepdims=True))
+
+
+def _sum_rows(rows_MD, coef_1M):
+  """(1, D): Σ_m coef[m] · row m (weighted_rows)."""
+  return jnp.sum(_row_to_col(coef_1M) * rows_MD, axis=0, keepdims=True)
+
+
+def _one_table_kernel(combine, block_tokens, m, ring, packed, idx_ref, idxv_ref, in_ref,
+                      table_hbm, out_ref, buf, sems, in_s, idxv_s, out_s):
+  """Per token t: out[t] = combine(the M fetched rows of t, in[t])."""
+  d = buf.shape[-1]
+  _to_rows3(in_ref, in_s)
   _to_rows3(idxv_ref, idxv_s)
 
   def body(t, slot):
-    rows_MD = _rows(buf, slot, m, d, _parity(idxv_s, t, packed), packed)
-    out_s[t] = _col_to_row(jnp.sum(rows_MD * src_s[t], axis=1, keepdims=True))
+    out_s[t] = combine(_rows(buf, slot, m, d, _parity(idxv_s, t, packed), packed), in_s[t])
 
   _token_ring(idx_ref, (table_hbm,), (buf,), sems, block_tokens, m, ring, body)
-  out_ref[...] = out_s[...].reshape(block_tokens, m)
+  out_ref[...] = out_s[...].reshape(out_ref.shape)
 
 
-def _wsum_kernel(block_tokens, m, ring, packed, idx_ref, idxv_ref, coef_ref, table_hbm,
-                 out_ref, buf, sems, coef_s, idxv_s, out_s):
-  d = out_ref.shape[1]
-  _to_rows3(coef_ref, coef_s)
-  _to_rows3(idxv_ref, idxv_s)
-
-  def body(t, slot):
-    rows_MD = _rows(buf, slot, m, d, _parity(idxv_s, t, packed), packed)
-    out_s[t] = jnp.sum(_row_to_col(coef_s[t]) * rows_MD, axis=0, keepdims=True)
-
-  _token_ring(idx_ref, (table_hbm,), (buf,), sems, block_tokens, m, ring, body)
-  out_ref[...] = out_s[...].reshape(block_tokens, d)
-
-
-def _ring_call(kernel, table_ND, idx_TM, block_in_TC, out_cols, block_tokens, ring, interpret):
-  """pallas_call of a one-table token-major kernel; returns its (T, out_cols) f32 output."""
+def _ring_call(combine, table_ND, idx_TM, block_in_TC, out_cols, block_tokens, ring, interpret):
+  """pallas_call of `_one_table_kernel` with `combine`; returns its (T, out_cols) f32 output."""
   t, m = idx_TM.shape
   n, d = table_ND.shape
   if table_ND.dtype.itemsize not in (2, 4):
@@ -79,7 +75,7 @@ def _ring_call(kernel, table_ND, idx_TM, block_in_TC, out_cols, block_tokens, ri
   cost = pl.CostEstimate(flops=int(2 * t_pad * m * d), transcendentals=0,
                          bytes_accessed=int(t_pad * m * (d * 4 + 8) + t_pad * (cin + out_cols) * 4))
   out = pl.pallas_call(
-      functools.partial(kernel, bt, m, ring, packed),
+      functools.partial(_one_table_kernel, combine, bt, m, ring, packed),
       grid=(t_pad // bt,),
       in_specs=[pl.BlockSpec((bt * m,), lambda i: (i,), memory_space=pltpu.SMEM),
                 tok(m), tok(cin), pl.BlockSpec(memory_space=pl.ANY)],
@@ -96,12 +92,12 @@ def _ring_call(kernel, table_ND, idx_TM, block_in_TC, out_cols, block_tokens, ri
 def pair_dots(table_ND, idx_TM, src_TD, *, block_tokens: int = DEFAULT_BLOCK_TOKENS,
               ring: int = DEFAULT_RING, interpret=None):
   """(T, M) f32: src[t] · table[idx[t, m]] (rows fetched by DMA, computed in f32)."""
-  return _ring_call(_dots_kernel, table_ND, idx_TM, src_TD, idx_TM.shape[1], block_tokens,
+  return _ring_call(_dot_rows, table_ND, idx_TM, src_TD, idx_TM.shape[1], block_tokens,
                     ring, interpret)
 
 
 def weighted_rows(table_ND, idx_TM, coef_TM, *, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                   ring: int = DEFAULT_RING, interpret=None):
   """(T, D) f32: Σ_m coef[t, m] · table[idx[t, m]] (rows fetched by DMA, summed in f32)."""
-  return _ring_call(_wsum_kernel, table_ND, idx_TM, coef_TM, table_ND.shape[1], block_tokens,
+  return _ring_call(_sum_rows, table_ND, idx_TM, coef_TM, table_ND.shape[1], block_tokens,
                     ring, interpret)

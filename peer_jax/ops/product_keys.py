@@ -116,15 +116,10 @@ def _dense_backward(q, c, idx, ds, acc):
   return dq, dc
 
 
-def _selected_scores_bwd(sparse, res, ds):
-  q, c, idx = res
-  acc = jnp.result_type(jnp.float32, q.dtype, c.dtype)
-  ds = ds.astype(acc)
-  if not sparse:
-    dq, dc = _dense_backward(q, c, idx, ds, acc)
-    return None, dq.astype(q.dtype), dc.astype(c.dtype), None
+def _sparse_backward(q, c, idx, ds, acc):
+  """dq, dc through the k selected sub-key rows: gather them, scatter-add into dc."""
   rows = _gather_keys(c, idx).astype(acc)  # (..., [H,] k, d)
-  dq = jnp.einsum("...k,...kd->...d", ds, rows).astype(q.dtype)
+  dq = jnp.einsum("...k,...kd->...d", ds, rows)
   d = c.shape[-1]
   per_row = (ds[..., None] * q.astype(acc)[..., None, :])  # (..., [H,] k, d)
   if c.ndim == 2:
@@ -135,7 +130,15 @@ def _selected_scores_bwd(sparse, res, ds):
     flat = idx + (jnp.arange(heads, dtype=idx.dtype) * n)[:, None]
     dc = jnp.zeros((heads * n, d), acc).at[flat.reshape(-1)].add(
         per_row.reshape(-1, d), mode="promise_in_bounds").reshape(c.shape)
-  return None, dq, dc.astype(c.dtype), None
+  return dq, dc
+
+
+def _selected_scores_bwd(sparse, res, ds):
+  q, c, idx = res
+  acc = jnp.result_type(jnp.float32, q.dtype, c.dtype)
+  backward = _sparse_backward if sparse else _dense_backward
+  dq, dc = backward(q, c, idx, ds.astype(acc), acc)
+  return None, dq.astype(q.dtype), dc.astype(c.dtype), None
 
 
 _selected_scores.defvjp(_selected_scores_fwd, _selected_scores_bwd)
@@ -155,7 +158,7 @@ def _topk_block(q1, q2, c1, c2, k, n, top_k, sparse):
   s1, i1 = top_k(_half_scores(sg(q1), sg(c1)), k)  # (..., k) each
   s2, i2 = top_k(_half_scores(sg(q2), sg(c2)), k)
   # Under remat (model.remat) these small arrays are kept, so the backward pass does not
-  # recompute the dense scores and their sorts (peer_jax.model.REMAT_SAVED).
+  # recompute the dense scores and their sorts (peer_jax.model.remat_policy).
   s1, i1, s2, i2 = (checkpoint_name(a, ROUTING_NAME) for a in (s1, i1, s2, i2))
   # Same values; gradients only through the k selected sub-keys of each half.
   s1 = _selected_scores(s1, q1, c1, i1, sparse)
